@@ -1,0 +1,153 @@
+"""`sparselayer` command line: a thin layer that turns flags/YAML into API calls (train, eval, export).
+
+Every flag of `train` is generated from the config dataclasses, so the CLI cannot offer a setting
+the Python API lacks. Errors caused by input print one line and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import SECTIONS, TrainConfig
+from .errors import ConfigError, SparseLayerError
+
+HELP = {
+    "model": "local Hugging Face model folder (Qwen3, Qwen2/2.5, Llama); default: the embedded tiny model",
+    "layers": "trained decoder layers: 16, -1, 14-18, 10,16 or all (full-parameter baseline)",
+    "task": "built-in task name (arithmetic)",
+    "dataset": "JSONL or Parquet file of prompt/answer rows (math answers checked); replaces --task",
+    "reward": "user reward function module:function or file.py:function (TRL convention)",
+    "scale_rewards": "divide advantages by the group's std (group), the batch's (batch) or not at all (none, Dr. GRPO)",
+    "loss_type": "grpo | dr_grpo | dapo | bnpo",
+    "beta": "KL coefficient (k3 estimator); 0 skips the reference pass entirely",
+    "micro_batch_size": "sequences per forward/backward; micro-batches balanced by token count",
+    "max_completion_length": "default: the task's suggestion (8 for arithmetic, 256 for datasets)",
+    "output_dir": "run directory (default runs/layers-<L>-<time>)",
+}
+EMBEDDED_RECIPE = Path(__file__).resolve().parent / "data" / "default_model" / "sparselayer.yaml"
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field (--learning-rate for learning_rate); defaults stay unset to see what was given."""
+    for section, kind in SECTIONS.items():
+        group = parser.add_argument_group(section)
+        for f in dataclasses.fields(kind):
+            flag = "--" + f.name.replace("_", "-")
+            default_text = f"default: {f.default}"
+            if f.type == "bool":
+                group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                   default=argparse.SUPPRESS, help=HELP.get(f.name, default_text))
+            else:
+                group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(),
+                                   help=HELP.get(f.name, default_text) + ("" if f.name in HELP else ""))
+    parser.add_argument("--layer", dest="layer", default=argparse.SUPPRESS, metavar="K",
+                        help="the one trained decoder layer (negative counts from the end)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparselayer", description="GRPO post-training of a single transformer layer.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    tr = sub.add_parser("train", help="train one (or a few) layers with GRPO")
+    tr.add_argument("--config", type=Path, help="YAML file of settings; flags override it")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its latest checkpoint")
+    _add_config_flags(tr)
+    ev = sub.add_parser("eval", help="held-out accuracy of a model folder, a run directory or the embedded model")
+    ev.add_argument("path", nargs="?", help="model folder or run directory (default: embedded base model)")
+    ev.add_argument("--output", type=Path, help="also write the JSON result to this file")
+    ev.add_argument("--k", type=int, default=4, help="samples per prompt for mean@k and pass@k (0: greedy only)")
+    ev.add_argument("--num-eval", type=int, default=500, help="held-out prompts to score")
+    ev.add_argument("--temperature", type=float, default=1.0)
+    ev.add_argument("--max-completion-length", type=int, default=None)
+    ev.add_argument("--task", default=None, help="built-in task (default: the run's task, else arithmetic)")
+    ev.add_argument("--dataset", default=None, help="JSONL/Parquet prompt/answer file to evaluate on")
+    ex = sub.add_parser("export", help="write a full HF model folder with the trained layer(s) merged")
+    ex.add_argument("run_dir", help="run directory written by `sparselayer train`")
+    ex.add_argument("--output", type=Path, required=True, help="folder to write the merged model to")
+    return parser
+
+
+def resolve_train_config(args: argparse.Namespace) -> TrainConfig:
+    """defaults <- embedded model's recipe <- saved run config (--resume) <- --config YAML <- flags."""
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume")}
+    if "layer" in given:
+        if "layers" in given:
+            raise ConfigError("--layer and --layers conflict: give one of them")
+        given["layers"] = given.pop("layer")
+    yaml_cfg = TrainConfig.from_yaml(args.config) if args.config else None
+    config = TrainConfig()
+    if args.resume:
+        from .runs import RunDir
+
+        out = given.get("output_dir") or (yaml_cfg.run.output_dir if yaml_cfg else None)
+        if not out:
+            raise ConfigError("--resume needs --output-dir (the run to continue)")
+        if (Path(out) / "config.yaml").is_file():
+            config = TrainConfig.from_mapping(RunDir(out).read_config())
+    explicit_model = given.get("model") or (yaml_cfg.model.model if yaml_cfg else None) or config.model.model
+    if not explicit_model and not args.resume and EMBEDDED_RECIPE.is_file():
+        config = TrainConfig.from_yaml(EMBEDDED_RECIPE, config)
+    if args.config:
+        config = TrainConfig.from_yaml(args.config, config)
+    return TrainConfig.from_mapping(given, config).validate()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    config = resolve_train_config(args)
+    summary = train(config, resume=args.resume)
+    base, final = summary.get("base_accuracy"), summary.get("final_accuracy")
+    line = f"trained {summary['layers']} for {summary['steps']} steps in {summary['train_time_s']:.0f}s"
+    if base is not None and final is not None:
+        line += f"; held-out accuracy {base:.1%} -> {final:.1%} ({(final - base) * 100:+.1f} points)"
+    print(line + f"\nrun directory: {summary['output_dir']}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_path
+    from .runs import atomic_write_text
+    from .tasks import build_task
+
+    if args.task and args.dataset:
+        raise ConfigError("--dataset and --task are exclusive: give one of them")
+    if args.k < 0 or args.num_eval < 1:
+        raise ConfigError("--k must be >= 0 and --num-eval >= 1")
+    task = build_task(args.task or "arithmetic", args.dataset) if (args.task or args.dataset) else None
+    result = evaluate_path(args.path, task=task, num_examples=args.num_eval, k=args.k,
+                           max_new_tokens=args.max_completion_length, temperature=args.temperature)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.output:
+        atomic_write_text(args.output, text + "\n")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_run, is_run_dir
+
+    if not is_run_dir(args.run_dir):
+        raise ConfigError(f"{args.run_dir} is not a sparselayer run directory (no config.yaml)")
+    print(f"exported to {export_run(args.run_dir, args.output)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export}[args.command]
+    try:
+        return handler(args)
+    except SparseLayerError as exc:
+        print(f"sparselayer: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("sparselayer: interrupted (the last checkpoint is intact; continue with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""User-facing errors: the CLI prints one line for these and exits non-zero, never a traceback."""
+
+
+class SparseLayerError(Exception):
+    """Base of every error caused by the user's input (flags, files, models, reward code)."""
+
+    exit_code = 2
+
+
+class ConfigError(SparseLayerError):
+    """A flag, YAML key or combination of settings is invalid."""
+
+
+class ModelError(SparseLayerError):
+    """A model folder is missing, not a causal LM, or of an unsupported architecture."""
+
+
+class DataError(SparseLayerError):
+    """A data file is missing, empty or malformed."""
+
+
+class RewardError(SparseLayerError):
+    """A user reward function could not be loaded, raised, or returned bad values."""
+
+
+class RunError(SparseLayerError):
+    """A run directory cannot be used (nothing to resume, checkpoint unreadable, ...)."""

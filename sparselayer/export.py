@@ -1,0 +1,52 @@
+"""Turn a run directory back into a model: merge the trained layer(s) into the base and save a full HF folder."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from .config import TrainConfig
+from .errors import RunError
+from .model.layout import load_model
+from .runs import RunDir
+from .tasks import Task, build_task
+
+
+def is_run_dir(path: str | Path | None) -> bool:
+    return path is not None and (Path(path) / "config.yaml").is_file()
+
+
+def load_run(path: str | Path, device: str = "auto") -> tuple[nn.Module, object, TrainConfig, int]:
+    """Base model with the latest checkpoint's trained tensors loaded; also the run's config and step."""
+    run = RunDir(path)
+    config = TrainConfig.from_mapping(run.read_config())
+    ckpt = run.latest_checkpoint()
+    if ckpt is None:
+        raise RunError(f"run directory {path} holds no checkpoint yet")
+    tensors, _, meta = RunDir.load_checkpoint(ckpt)
+    model, tokenizer = load_model(config.model.model, config.model.dtype, device, config.model.attn_implementation)
+    state = model.state_dict()
+    unknown = [n for n in tensors if n not in state]
+    if unknown:
+        raise RunError(f"checkpoint {ckpt} does not fit the base model (unknown tensor {unknown[0]})")
+    model.load_state_dict(tensors, strict=False)
+    return model, tokenizer, config, int(meta["step"])
+
+
+def load_for_eval(path: str | Path | None) -> tuple[nn.Module, object, Task, str]:
+    """Model, tokenizer, the task it was trained on (built-in default otherwise) and a source label."""
+    if is_run_dir(path):
+        model, tokenizer, config, step = load_run(path)
+        return model, tokenizer, build_task(config.task.task, config.task.dataset), f"{path} (step {step})"
+    model, tokenizer = load_model(path)
+    return model, tokenizer, build_task(), str(path) if path else "embedded default"
+
+
+def export_run(run_dir: str | Path, output: str | Path) -> Path:
+    """Write a full HF model folder (weights, config, tokenizer) with the trained layer(s) merged."""
+    model, tokenizer, _, _ = load_run(run_dir, device="cpu")
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out

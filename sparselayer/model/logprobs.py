@@ -1,0 +1,19 @@
+"""Per-token log-probabilities of completion tokens under the model, at a sampling temperature."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..rollout.base import Batch
+
+
+def completion_logprobs(model: nn.Module, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
+    """log p(token_t | prefix) for each completion position (B x C); the head runs on completion rows only."""
+    position_ids = (batch.attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                         position_ids=position_ids, use_cache=False).last_hidden_state
+    P = batch.prompt_len
+    h = hidden[:, P - 1 : -1]
+    targets = batch.input_ids[:, P:]
+    logits = model.lm_head(h).float() / temperature
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)

@@ -1,0 +1,48 @@
+"""The task interface: prompts with reference answers, a reward, and a held-out split."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Sequence
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt and the reference answer its completion is judged against."""
+
+    prompt: str
+    answer: str
+
+
+class Task(ABC):
+    """A source of training prompts, held-out prompts and a verifiable reward.
+
+    `train` and `test` are disjoint; `reward` scores one completion (higher is better) and
+    `is_correct` decides accuracy for evaluation. Rewards for a batch go through `rewards`,
+    which a task may override to call a batched user function.
+    """
+
+    name: str = "task"
+    suggested_max_completion_length: int = 256  # used when --max-completion-length is not given
+
+    @property
+    @abstractmethod
+    def train(self) -> Sequence[Example]:
+        """Training prompts."""
+
+    @property
+    @abstractmethod
+    def test(self) -> Sequence[Example]:
+        """Held-out prompts, never used for training."""
+
+    @abstractmethod
+    def is_correct(self, completion: str, example: Example) -> bool:
+        """Whether `completion` answers `example` correctly."""
+
+    def reward(self, completion: str, example: Example) -> float:
+        """Scalar reward of one completion; 1.0 if correct else 0.0 by default."""
+        return 1.0 if self.is_correct(completion, example) else 0.0
+
+    def rewards(self, completions: Sequence[str], examples: Sequence[Example]) -> list[float]:
+        """Rewards of a batch of completions, one per (completion, example) pair."""
+        return [self.reward(c, e) for c, e in zip(completions, examples)]

@@ -1,0 +1,212 @@
+"""The GRPO trainer for one (or a few) trained layers: the whole step is `Trainer.step`.
+
+rollout -> reward -> advantages -> [reference log-probs] -> num_iterations x (micro-batched
+forward/backward of the trained layers' loss) -> optimizer step -> push the changed layers.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .config import TrainConfig
+from .memory import peak_bytes, reset_peak
+from .model.layout import decoder_layers, freeze_except, layers_label, load_model, parse_layers
+from .model.logprobs import completion_logprobs
+from .packing import pack_balanced
+from .rl.grpo import group_advantages, per_token_loss, token_weights
+from .rollout.base import Batch, RolloutEngine, collate
+from .rollout.hf import HFRolloutEngine
+from .tasks import Example, Task, build_task
+
+
+class PhaseTimer:
+    """Consecutive phase marks: the phases partition the step, so they add up to step_time_s."""
+
+    def __init__(self):
+        self.last, self.phases = time.perf_counter(), {}
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - self.last
+        self.last = now
+
+
+class PromptSampler:
+    """Epoch-wise shuffled prompt order, fully determined by the seed and the position (resumable)."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed = size, seed
+
+    def take(self, position: int, count: int) -> list[int]:
+        out = []
+        for pos in range(position, position + count):
+            epoch, offset = divmod(pos, self.size)
+            order = list(range(self.size))
+            random.Random(self.seed * 7919 + epoch).shuffle(order)
+            out.append(order[offset])
+        return out
+
+
+@dataclass
+class StepBatch:
+    """One rollout batch, ready for the loss: tensors, advantages, weights and micro-batches."""
+
+    batch: Batch
+    advantages: torch.Tensor
+    weights: torch.Tensor
+    micro_batches: list[list[int]]
+    rewards: torch.Tensor
+    correct: torch.Tensor
+    ref_logp: torch.Tensor | None = None
+    old_logp: torch.Tensor | None = None
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class Trainer:
+    """GRPO over the trained layers only; everything else is frozen (no grads, no optimizer state)."""
+
+    def __init__(self, config: TrainConfig, task: Task | None = None, engine: RolloutEngine | None = None):
+        self.config = config.validate()
+        m = config.model
+        self.model, self.tokenizer = load_model(m.model, m.dtype, m.device, m.attn_implementation)
+        self.device = next(self.model.parameters()).device
+        self.layers = parse_layers(m.layers, len(decoder_layers(self.model)))
+        self.trained = freeze_except(self.model, self.layers)
+        self.task = task or build_task(config.task.task, config.task.dataset, config.task.reward)
+        self.engine = engine or HFRolloutEngine(self.model, self.tokenizer)
+        self.max_completion_length = (config.rollout.max_completion_length
+                                      or self.task.suggested_max_completion_length)
+        rl = config.rl
+        self.optimizer = torch.optim.AdamW(self.trained.values(), lr=rl.learning_rate, weight_decay=rl.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / rl.warmup_steps) if rl.warmup_steps else 1.0)
+        self.reference = ({n: p.detach().clone() for n, p in self.trained.items()} if rl.beta > 0 else None)
+        self.sampler = PromptSampler(len(self.task.train), config.run.seed)
+        self.step_count = 0
+
+    @property
+    def label(self) -> str:
+        return layers_label(self.layers)
+
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """The trained parameters by checkpoint name (what a checkpoint and a weight push carry)."""
+        return {n: p.detach() for n, p in self.trained.items()}
+
+    def step(self) -> dict[str, Any]:
+        """One GRPO step on a fresh rollout batch; returns its metrics line."""
+        cfg, rl = self.config, self.config.rl
+        reset_peak(self.device)
+        timer = PhaseTimer()
+        examples = self._next_examples()
+        rollouts = self.engine.generate([e.prompt for e in examples], rl.num_generations,
+                                        self.max_completion_length, cfg.rollout.temperature, cfg.rollout.top_p,
+                                        seed=cfg.run.seed * 1_000_003 + self.step_count)
+        timer.mark("rollout_s")
+        sb = self._score(rollouts, examples)
+        timer.mark("reward_s")
+        if rl.beta > 0:
+            sb.ref_logp = self._reference_logprobs(sb)
+        timer.mark("logprob_s")
+        losses = [self._optimize(sb, it) for it in range(rl.num_iterations)]
+        timer.mark("train_s")
+        self.engine.update_weights(self.trained_state().items())
+        timer.mark("push_s")
+        self.step_count += 1
+        return self._metrics(sb, losses, timer.phases)
+
+    def _next_examples(self) -> list[Example]:
+        idx = self.sampler.take(self.step_count * self.config.rl.prompts_per_step, self.config.rl.prompts_per_step)
+        return [self.task.train[i] for i in idx]
+
+    def _score(self, rollouts, examples: list[Example]) -> StepBatch:
+        """Rewards, correctness and group advantages of the completions; micro-batches and token weights."""
+        rl, n = self.config.rl, self.config.rl.num_generations
+        texts = self.tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
+        per_row = [e for e in examples for _ in range(n)]
+        rewards = torch.tensor(self.task.rewards(texts, per_row), dtype=torch.float32)
+        correct = torch.tensor([self.task.is_correct(t, e) for t, e in zip(texts, per_row)], dtype=torch.float32)
+        batch = collate(rollouts, self.tokenizer.pad_token_id, self.device)
+        micro = pack_balanced(batch.lengths(), rl.micro_batch_size)
+        weights = token_weights(batch.completion_mask, rl.loss_type, self.max_completion_length, micro)
+        adv = group_advantages(rewards, n, rl.scale_rewards).to(self.device)
+        return StepBatch(batch, adv, weights, micro, rewards, correct)
+
+    @torch.no_grad()
+    def _reference_logprobs(self, sb: StepBatch) -> torch.Tensor:
+        """Log-probs under the original weights of the trained layers (swapped in, then back)."""
+        current = {n: p.detach().clone() for n, p in self.trained.items()}
+        for n, p in self.trained.items():
+            p.copy_(self.reference[n])
+        try:
+            return self._logprobs_no_grad(sb)
+        finally:
+            for n, p in self.trained.items():
+                p.copy_(current[n])
+
+    def _logprobs_no_grad(self, sb: StepBatch) -> torch.Tensor:
+        out = torch.zeros(sb.batch.completion_mask.shape, device=self.device)
+        for rows in sb.micro_batches:
+            sub = sb.batch.rows(rows)
+            out[rows, : sub.completion_mask.shape[1]] = completion_logprobs(self.model, sub, self.config.rollout.temperature)
+        return out
+
+    def _optimize(self, sb: StepBatch, iteration: int) -> dict[str, float]:
+        """One pass over the rollout batch: accumulate gradients over micro-batches, then one optimizer step.
+
+        In the first pass the policy has not moved, so its log-probs are the old-policy log-probs:
+        they are stored for later passes and no separate old-policy pass is needed.
+        """
+        rl = self.config.rl
+        eps_high = rl.epsilon_high if rl.epsilon_high is not None else rl.epsilon
+        if iteration == 0:
+            sb.old_logp = torch.zeros(sb.batch.completion_mask.shape, device=self.device)
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total = {"loss": 0.0, "kl": 0.0, "clip": 0.0}
+        for rows in sb.micro_batches:
+            sub = sb.batch.rows(rows)
+            C = sub.completion_mask.shape[1]
+            logp = completion_logprobs(self.model, sub, self.config.rollout.temperature)
+            if iteration == 0:
+                sb.old_logp[rows, :C] = logp.detach()
+            ref = sb.ref_logp[rows, :C] if sb.ref_logp is not None else None
+            tl = per_token_loss(logp, sb.old_logp[rows, :C], sb.advantages[rows], rl.epsilon, eps_high, rl.beta, ref)
+            w = sb.weights[rows, :C]
+            loss = (tl.loss * w).sum()
+            loss.backward()
+            m = sub.completion_mask.float()
+            total["loss"] += loss.item()
+            total["kl"] += float((tl.kl.detach() * m).sum())
+            total["clip"] += float((tl.clipped.float() * m).sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(list(self.trained.values()), rl.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.model.eval()
+        ntok = float(sb.batch.completion_mask.sum().clamp(min=1))
+        return {"loss": total["loss"], "kl": total["kl"] / ntok, "clip_ratio": total["clip"] / ntok,
+                "grad_norm": float(grad_norm)}
+
+    def _metrics(self, sb: StepBatch, losses: list[dict[str, float]], phases: dict[str, float]) -> dict[str, Any]:
+        step_time = sum(phases.values())
+        tokens = int(sb.batch.attention_mask.sum())
+        return {
+            "step": self.step_count,
+            "reward_mean": float(sb.rewards.mean()),
+            "reward_std": float(sb.rewards.std()),
+            "accuracy": float(sb.correct.mean()),
+            "loss": sum(l["loss"] for l in losses) / len(losses),
+            "kl": losses[0]["kl"],
+            "clip_ratio": sum(l["clip_ratio"] for l in losses) / len(losses),
+            "grad_norm": losses[-1]["grad_norm"],
+            "completion_length": float(sb.batch.completion_mask.sum(dim=1).float().mean()),
+            "learning_rate": self.scheduler.get_last_lr()[0],
+            "step_time_s": step_time,
+            **{k: phases.get(k, 0.0) for k in ("rollout_s", "reward_s", "logprob_s", "train_s", "push_s")},
+            "tokens_per_s": tokens / step_time if step_time > 0 else math.nan,
+            "peak_mem_bytes": peak_bytes(self.device),
+        }

@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny random models built from a config (nothing is downloaded)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def make_tiny_model(folder: Path, num_layers: int = 4, hidden: int = 32, seed: int = 0,
+                    model_type: str = "qwen3") -> Path:
+    """Save a random tiny causal LM of the given family with the character tokenizer into `folder`."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    from sparselayer.data.make_default_model import build_tokenizer
+
+    tok = build_tokenizer()
+    common = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+    kinds = {"qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": hidden // 4}),
+             "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}), "llama": (LlamaConfig, LlamaForCausalLM, {})}
+    config_cls, model_cls, extra = kinds[model_type]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**common, **extra))
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 4-layer, hidden-32 random Qwen3 with the character tokenizer."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
