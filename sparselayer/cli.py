@@ -117,7 +117,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError("--dataset and --task are exclusive: give one of them")
     if args.k < 0 or args.num_eval < 1:
         raise ConfigError("--k must be >= 0 and --num-eval >= 1")
-    task = build_task(args.task or "arithmetic", args.dataset) if (args.task or args.dataset) else None
+    task = build_task(args.task, args.dataset) if (args.task or args.dataset) else None
     result = evaluate_path(args.path, task=task, num_examples=args.num_eval, k=args.k,
                            max_new_tokens=args.max_completion_length, temperature=args.temperature)
     text = json.dumps(result, indent=2)
@@ -136,8 +136,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_libraries() -> None:
+    """Keep library chatter (weight-loading bars, hub notices) out of the user's terminal."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_libraries()
     handler = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export}[args.command]
     try:
         return handler(args)

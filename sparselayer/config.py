@@ -33,7 +33,7 @@ class ModelConfig:
 class TaskConfig:
     """Where prompts and rewards come from."""
 
-    task: str = "arithmetic"
+    task: str | None = None  # built-in task name; None: arithmetic (unless --dataset)
     dataset: str | None = None  # JSONL/Parquet prompt/answer file; replaces --task
     reward: str | None = None  # "module:function" in TRL's reward-function convention
     num_eval: int = 500  # held-out prompts used by evaluation
@@ -144,7 +144,7 @@ class TrainConfig:
             raise ConfigError("--temperature must be > 0 and --top-p in (0, 1]")
         if ro.rollout != "hf":
             raise ConfigError(f"--rollout {ro.rollout!r} is not available: this build supports 'hf'")
-        if self.task.dataset and self.task.task != "arithmetic":
+        if self.task.dataset and self.task.task:
             raise ConfigError("--dataset and --task are exclusive: give one of them")
         _choice("--dtype", self.model.dtype, ("auto", "float32", "bfloat16", "float16"))
         _choice("--attn-implementation", self.model.attn_implementation, ("auto", "sdpa", "eager", "flash_attention_2"))

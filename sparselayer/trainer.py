@@ -73,11 +73,11 @@ class Trainer:
     def __init__(self, config: TrainConfig, task: Task | None = None, engine: RolloutEngine | None = None):
         self.config = config.validate()
         m = config.model
+        self.task = task or build_task(config.task.task, config.task.dataset, config.task.reward)
         self.model, self.tokenizer = load_model(m.model, m.dtype, m.device, m.attn_implementation)
         self.device = next(self.model.parameters()).device
         self.layers = parse_layers(m.layers, len(decoder_layers(self.model)))
         self.trained = freeze_except(self.model, self.layers)
-        self.task = task or build_task(config.task.task, config.task.dataset, config.task.reward)
         self.engine = engine or HFRolloutEngine(self.model, self.tokenizer)
         self.max_completion_length = (config.rollout.max_completion_length
                                       or self.task.suggested_max_completion_length)

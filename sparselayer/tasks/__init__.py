@@ -8,7 +8,7 @@ from .base import Example, Task
 BUILTIN_TASKS = {"arithmetic": ArithmeticTask}
 
 
-def build_task(task: str = "arithmetic", dataset: str | None = None, reward: str | None = None) -> Task:
+def build_task(task: str | None = None, dataset: str | None = None, reward: str | None = None) -> Task:
     """The built-in task `task`, or a prompt/answer file `dataset`, optionally scored by a user reward."""
     from .user_reward import wrap_task_with_reward
 
@@ -16,8 +16,8 @@ def build_task(task: str = "arithmetic", dataset: str | None = None, reward: str
         from .dataset import load_dataset_task
 
         base = load_dataset_task(dataset)
-    elif task in BUILTIN_TASKS:
-        base = BUILTIN_TASKS[task]()
+    elif (task or "arithmetic") in BUILTIN_TASKS:
+        base = BUILTIN_TASKS[task or "arithmetic"]()
     else:
         raise ConfigError(f"unknown task {task!r}: built-in tasks are {', '.join(BUILTIN_TASKS)}")
     return wrap_task_with_reward(base, reward)

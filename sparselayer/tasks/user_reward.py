@@ -135,6 +135,7 @@ class RewardFunctionTask(Task):
         self.fn = fn
         self.spec = spec
         self.name = base.name
+        self.suggested_max_completion_length = base.suggested_max_completion_length
 
     @property
     def train(self) -> Sequence[Example]:
