@@ -19,7 +19,7 @@ from .model.layout import decoder_layers, freeze_except, layers_label, load_mode
 from .model.logprobs import completion_logprobs
 from .packing import pack_balanced
 from .rl.grpo import group_advantages, per_token_loss, token_weights
-from .rollout.base import Batch, RolloutEngine, collate
+from .rollout.base import Batch, RolloutEngine, Rollouts, collate
 from .rollout.hf import HFRolloutEngine
 from .tasks import Example, Task, build_task
 
@@ -99,13 +99,11 @@ class Trainer:
 
     def step(self) -> dict[str, Any]:
         """One GRPO step on a fresh rollout batch; returns its metrics line."""
-        cfg, rl = self.config, self.config.rl
+        rl = self.config.rl
         reset_peak(self.device)
         timer = PhaseTimer()
         examples = self._next_examples()
-        rollouts = self.engine.generate([e.prompt for e in examples], rl.num_generations,
-                                        self.max_completion_length, cfg.rollout.temperature, cfg.rollout.top_p,
-                                        seed=cfg.run.seed * 1_000_003 + self.step_count)
+        rollouts = self._generate(examples)
         timer.mark("rollout_s")
         sb = self._score(rollouts, examples)
         timer.mark("reward_s")
@@ -123,7 +121,7 @@ class Trainer:
         idx = self.sampler.take(self.step_count * self.config.rl.prompts_per_step, self.config.rl.prompts_per_step)
         return [self.task.train[i] for i in idx]
 
-    def _score(self, rollouts, examples: list[Example]) -> StepBatch:
+    def _score(self, rollouts: Rollouts, examples: list[Example]) -> StepBatch:
         """Rewards, correctness and group advantages of the completions; micro-batches and token weights."""
         rl, n = self.config.rl, self.config.rl.num_generations
         texts = self.tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
@@ -156,7 +154,17 @@ class Trainer:
         return out
 
     def _optimize(self, sb: StepBatch, iteration: int) -> dict[str, float]:
-        """One pass over the rollout batch: accumulate gradients over micro-batches, then one optimizer step.
+        """One pass over the rollout batch: accumulate gradients over micro-batches, then one optimizer step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        stats = self.accumulate_gradients(sb, iteration)
+        stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(list(self.trained.values()),
+                                                                   self.config.rl.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        return stats
+
+    def accumulate_gradients(self, sb: StepBatch, iteration: int = 0) -> dict[str, float]:
+        """Add d(batch loss)/d(trained params) to .grad, one micro-batch at a time.
 
         In the first pass the policy has not moved, so its log-probs are the old-policy log-probs:
         they are stored for later passes and no separate old-policy pass is needed.
@@ -165,9 +173,8 @@ class Trainer:
         eps_high = rl.epsilon_high if rl.epsilon_high is not None else rl.epsilon
         if iteration == 0:
             sb.old_logp = torch.zeros(sb.batch.completion_mask.shape, device=self.device)
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
         total = {"loss": 0.0, "kl": 0.0, "clip": 0.0}
+        self.model.train()
         for rows in sb.micro_batches:
             sub = sb.batch.rows(rows)
             C = sub.completion_mask.shape[1]
@@ -176,20 +183,26 @@ class Trainer:
                 sb.old_logp[rows, :C] = logp.detach()
             ref = sb.ref_logp[rows, :C] if sb.ref_logp is not None else None
             tl = per_token_loss(logp, sb.old_logp[rows, :C], sb.advantages[rows], rl.epsilon, eps_high, rl.beta, ref)
-            w = sb.weights[rows, :C]
-            loss = (tl.loss * w).sum()
+            loss = (tl.loss * sb.weights[rows, :C]).sum()
             loss.backward()
             m = sub.completion_mask.float()
             total["loss"] += loss.item()
             total["kl"] += float((tl.kl.detach() * m).sum())
             total["clip"] += float((tl.clipped.float() * m).sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(list(self.trained.values()), rl.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
         self.model.eval()
         ntok = float(sb.batch.completion_mask.sum().clamp(min=1))
-        return {"loss": total["loss"], "kl": total["kl"] / ntok, "clip_ratio": total["clip"] / ntok,
-                "grad_norm": float(grad_norm)}
+        return {"loss": total["loss"], "kl": total["kl"] / ntok, "clip_ratio": total["clip"] / ntok}
+
+    def rollout_batch(self) -> StepBatch:
+        """Sample and score the next rollout batch (the first half of `step`, for tests and other stacks)."""
+        examples = self._next_examples()
+        return self._score(self._generate(examples), examples)
+
+    def _generate(self, examples: list[Example]) -> Rollouts:
+        """Completions for this step's prompts, seeded by (seed, step) so a resumed run samples the same."""
+        rl, ro = self.config.rl, self.config.rollout
+        return self.engine.generate([e.prompt for e in examples], rl.num_generations, self.max_completion_length,
+                                    ro.temperature, ro.top_p, seed=self.config.run.seed * 1_000_003 + self.step_count)
 
     def _metrics(self, sb: StepBatch, losses: list[dict[str, float]], phases: dict[str, float]) -> dict[str, Any]:
         step_time = sum(phases.values())

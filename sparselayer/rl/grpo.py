@@ -30,7 +30,7 @@ def token_weights(mask: torch.Tensor, loss_type: str, max_completion_length: int
     the rollout batch; dr_grpo: sum over tokens / (sequences * max_completion_length);
     bnpo: token mean within each micro-batch, averaged over micro-batches.
     """
-    mask = mask.float()
+    mask = mask if mask.is_floating_point() else mask.float()
     n = mask.shape[0]
     if loss_type == "grpo":
         return mask / mask.sum(dim=1, keepdim=True).clamp(min=1) / n

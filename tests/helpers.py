@@ -1,0 +1,12 @@
+"""Test helpers: a task with graded rewards so random tiny models get non-zero advantages."""
+from __future__ import annotations
+
+from sparselayer.tasks import ArithmeticTask
+from sparselayer.tasks.base import Example
+
+
+class DigitShareTask(ArithmeticTask):
+    """Arithmetic prompts, reward = share of digit characters in the completion (varies within a group)."""
+
+    def reward(self, completion: str, example: Example) -> float:
+        return sum(ch.isdigit() for ch in completion) / max(1, len(completion))
