@@ -6,6 +6,7 @@ epsilon_high, num_iterations, loss_type, scale_rewards, max_completion_length, t
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -127,9 +128,17 @@ class TrainConfig:
         """Check every setting and combination; raise ConfigError with one line on the first problem."""
         rl, ro, run = self.rl, self.rollout, self.run
         _positive(prompts_per_step=rl.prompts_per_step, num_iterations=rl.num_iterations,
-                  micro_batch_size=rl.micro_batch_size, max_completion_length=ro.max_completion_length or 1,
+                  micro_batch_size=rl.micro_batch_size,
                   max_steps=run.max_steps, save_steps=run.save_steps, save_total_limit=run.save_total_limit,
                   num_eval=self.task.num_eval)
+        if ro.max_completion_length is not None and ro.max_completion_length < 1:
+            raise ConfigError(f"--max-completion-length must be at least 1, got {ro.max_completion_length}")
+        for name in ("learning_rate", "beta", "epsilon", "epsilon_high", "max_grad_norm", "weight_decay"):
+            value = getattr(rl, name)
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+        if not (math.isfinite(ro.temperature) and math.isfinite(ro.top_p)):
+            raise ConfigError("--temperature and --top-p must be finite numbers")
         if rl.num_generations < 2:
             raise ConfigError("--num-generations must be at least 2 (GRPO compares completions within a group)")
         if not rl.learning_rate > 0:
@@ -157,7 +166,11 @@ def _flatten(values: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in values.items():
         key = str(key).replace("-", "_")
         if key in SECTIONS and isinstance(value, Mapping):
-            flat.update({str(k).replace("-", "_"): v for k, v in value.items()})
+            for inner, inner_value in value.items():
+                inner = str(inner).replace("-", "_")
+                if _section_of(inner) != key:
+                    raise ConfigError(f"setting {inner!r} does not belong in section {key!r}")
+                flat[inner] = inner_value
         else:
             flat[key] = value
     return flat

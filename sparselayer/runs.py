@@ -57,7 +57,13 @@ class RunDir:
     def read_config(self) -> dict[str, Any]:
         if not self.config_path.is_file():
             raise RunError(f"{self.path} is not a sparselayer run directory (no config.yaml)")
-        return yaml.safe_load(self.config_path.read_text()) or {}
+        try:
+            data = yaml.safe_load(self.config_path.read_text()) or {}
+        except yaml.YAMLError:
+            raise RunError(f"{self.config_path} is not valid YAML") from None
+        if not isinstance(data, dict):
+            raise RunError(f"{self.config_path} does not hold a mapping of settings")
+        return data
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         """Append one JSON line and flush it to disk."""

@@ -86,7 +86,7 @@ def train(config: TrainConfig, task: Task | None = None, engine: RolloutEngine |
             on_step(metrics)
     bar.close()
     summary.update({"steps": trainer.step_count, "layers": trainer.label, "output_dir": str(run.path),
-                    "train_time_s": summary.get("train_time_s", 0.0) + time.perf_counter() - t0})
+                    "train_time_s": time.perf_counter() - t0})
     if config.run.eval_at_end:
         summary["final_eval"] = _evaluate(trainer)
         summary["final_accuracy"] = summary["final_eval"]["accuracy"]

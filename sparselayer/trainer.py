@@ -5,10 +5,11 @@ forward/backward of the trained layers' loss) -> optimizer step -> push the chan
 """
 from __future__ import annotations
 
+import functools
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,13 +44,14 @@ class PromptSampler:
         self.size, self.seed = size, seed
 
     def take(self, position: int, count: int) -> list[int]:
-        out = []
-        for pos in range(position, position + count):
-            epoch, offset = divmod(pos, self.size)
-            order = list(range(self.size))
-            random.Random(self.seed * 7919 + epoch).shuffle(order)
-            out.append(order[offset])
-        return out
+        """Indices of the prompts at positions position .. position+count-1 of the endless order."""
+        return [self._order(pos // self.size)[pos % self.size] for pos in range(position, position + count)]
+
+    @functools.lru_cache(maxsize=2)
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(self.size))
+        random.Random(self.seed * 7919 + epoch).shuffle(order)
+        return order
 
 
 @dataclass
@@ -64,7 +66,6 @@ class StepBatch:
     correct: torch.Tensor
     ref_logp: torch.Tensor | None = None
     old_logp: torch.Tensor | None = None
-    stats: dict[str, float] = field(default_factory=dict)
 
 
 class Trainer:

@@ -165,14 +165,16 @@ def _raising_reward(tmp_path: Path) -> str:
 
 
 def test_reward_function_raises(capsys, tmp_path, tiny_model):
-    line = run_cli(capsys, train_args(tiny_model, tmp_path / "out", "--reward", _raising_reward(tmp_path)))
+    reward = _raising_reward(tmp_path)
+    line = run_cli(capsys, train_args(tiny_model, tmp_path / "out", "--layer", "1", "--reward", reward))
     assert_fragment(line, "bad_reward.py:score", "ZeroDivisionError", "reward exploded")
     assert "second line" not in line
 
 
 def test_reward_failure_leaves_no_partial_checkpoint(capsys, tmp_path, tiny_model):
     out = tmp_path / "out"
-    run_cli(capsys, train_args(tiny_model, out, "--reward", _raising_reward(tmp_path), "--save-steps", "1"))
+    reward = _raising_reward(tmp_path)
+    run_cli(capsys, train_args(tiny_model, out, "--layer", "1", "--reward", reward, "--save-steps", "1"))
     ckpts = out / "checkpoints"
     assert ckpts.is_dir(), "the run directory is created before the first step"
     entries = list(ckpts.iterdir())
@@ -253,3 +255,53 @@ def test_export_not_a_run_dir(capsys, tmp_path, tiny_model):
     line = run_cli(capsys, ["export", tiny_model, "--output", exported])
     assert_fragment(line, "not a sparselayer run directory", str(tiny_model))
     assert not exported.exists()
+
+
+# ----------------------------------------------------------------------------- regressions found by review
+
+
+def _copy_model(tiny_model, dest: Path) -> Path:
+    shutil.copytree(tiny_model, dest)
+    return dest
+
+
+def test_config_json_that_is_not_an_object(capsys, tmp_path, tiny_model):
+    folder = _copy_model(tiny_model, tmp_path / "m")
+    (folder / "config.json").write_text("[1, 2]")
+    assert_fragment(run_cli(capsys, train_args(folder, tmp_path / "out")), "JSON object")
+
+
+def test_model_without_tokenizer(capsys, tmp_path, tiny_model):
+    folder = _copy_model(tiny_model, tmp_path / "m")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink()
+    assert_fragment(run_cli(capsys, train_args(folder, tmp_path / "out")), "no tokenizer")
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_safetensors(capsys, tmp_path, tiny_model):
+    folder = _copy_model(tiny_model, tmp_path / "m")
+    (folder / "model.safetensors").write_bytes(b"\xff" * 64)
+    assert_fragment(run_cli(capsys, train_args(folder, tmp_path / "out", "--layer", "1")), "could not load model")
+
+
+def test_run_dir_with_invalid_config_yaml(capsys, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("model: [unclosed\n")
+    assert_fragment(run_cli(capsys, ["export", run, "--output", tmp_path / "x"]), "not valid YAML")
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--max-completion-length", "0"], "max-completion-length"),
+    (["--learning-rate", "inf"], "finite"),
+    (["--beta", "nan"], "finite"),
+])
+def test_out_of_range_numbers(capsys, tmp_path, tiny_model, flags, fragment):
+    assert_fragment(run_cli(capsys, train_args(tiny_model, tmp_path / "out", *flags)), fragment)
+
+
+def test_setting_in_the_wrong_yaml_section(capsys, tmp_path, tiny_model):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("rl:\n  model: foo\n")
+    assert_fragment(run_cli(capsys, ["train", "--config", cfg]), "does not belong")

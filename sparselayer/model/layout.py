@@ -16,6 +16,7 @@ from ..data import DEFAULT_MODEL_DIR
 from ..errors import ConfigError, ModelError
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -60,6 +61,8 @@ def check_model_dir(path: str | Path | None) -> Path:
         config = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ModelError(f"{config_file} is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{config_file} does not hold a model configuration (a JSON object)")
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelError(f"unsupported architecture {model_type!r} in {folder}: "
@@ -68,6 +71,8 @@ def check_model_dir(path: str | Path | None) -> Path:
         raise ModelError(f"{folder} is not a causal LM (architectures: {config.get('architectures')})")
     if not list(folder.glob("*.safetensors")):
         raise ModelError(f"{folder} holds no .safetensors weights")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(f"{folder} holds no tokenizer (expected one of {', '.join(TOKENIZER_FILES)})")
     return folder
 
 
@@ -83,7 +88,7 @@ def load_model(path: str | Path | None, dtype: str = "auto", device: str = "auto
         model = AutoModelForCausalLM.from_pretrained(
             folder, local_files_only=True, dtype=resolve_dtype(dtype, dev),
             attn_implementation=resolve_attn(attn_implementation, dev))
-    except (OSError, ValueError, KeyError) as exc:
+    except Exception as exc:  # corrupt weights, shape mismatches, tokenizer errors: all input problems here
         raise ModelError(f"could not load model from {folder}: {str(exc).splitlines()[0]}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
