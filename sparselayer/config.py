@@ -28,6 +28,7 @@ class ModelConfig:
     dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16
     attn_implementation: str = "auto"  # auto (flash_attention_2 if installed on CUDA, else sdpa) | sdpa | eager
     device: str = "auto"  # auto | cpu | cuda
+    prefix_cache: bool = True  # run the frozen layers below the trained ones once per rollout batch
 
 
 @dataclass

@@ -18,6 +18,7 @@ from .config import TrainConfig
 from .memory import peak_bytes, reset_peak
 from .model.layout import decoder_layers, freeze_except, layers_label, load_model, parse_layers
 from .model.logprobs import completion_logprobs
+from .model.prefix_cache import PrefixEntry, compute_prefix, logprobs_from_prefix
 from .packing import pack_balanced
 from .rl.grpo import group_advantages, per_token_loss, token_weights
 from .rollout.base import Batch, RolloutEngine, Rollouts, collate
@@ -66,6 +67,7 @@ class StepBatch:
     correct: torch.Tensor
     ref_logp: torch.Tensor | None = None
     old_logp: torch.Tensor | None = None
+    prefix: list[PrefixEntry] | None = None  # per micro-batch, when the prefix cache is on
 
 
 class Trainer:
@@ -79,6 +81,8 @@ class Trainer:
         self.device = next(self.model.parameters()).device
         self.layers = parse_layers(m.layers, len(decoder_layers(self.model)))
         self.trained = freeze_except(self.model, self.layers)
+        # first trained layer: the prefix below it is cached (None: no cache, e.g. --layers all)
+        self.cache_start = min(self.layers) if self.layers is not None and m.prefix_cache else None
         self.engine = engine or HFRolloutEngine(self.model, self.tokenizer)
         self.max_completion_length = (config.rollout.max_completion_length
                                       or self.task.suggested_max_completion_length)
@@ -108,6 +112,7 @@ class Trainer:
         timer.mark("rollout_s")
         sb = self._score(rollouts, examples)
         timer.mark("reward_s")
+        self.attach_prefix(sb)
         if rl.beta > 0:
             sb.ref_logp = self._reference_logprobs(sb)
         timer.mark("logprob_s")
@@ -135,6 +140,20 @@ class Trainer:
         adv = group_advantages(rewards, n, rl.scale_rewards).to(self.device)
         return StepBatch(batch, adv, weights, micro, rewards, correct)
 
+    def attach_prefix(self, sb: StepBatch) -> None:
+        """Run the frozen prefix of every micro-batch once and keep its output for all passes."""
+        if self.cache_start is not None:
+            sb.prefix = [compute_prefix(self.model, sb.batch.rows(rows), self.cache_start) for rows in sb.micro_batches]
+
+    def _policy_logprobs(self, sb: StepBatch, j: int) -> tuple[torch.Tensor, Batch]:
+        """Log-probs of micro-batch j: from the cached prefix when there is one, else a full forward."""
+        temperature = self.config.rollout.temperature
+        if sb.prefix is not None:
+            entry = sb.prefix[j]
+            return logprobs_from_prefix(self.model, entry, self.cache_start, temperature), entry.batch
+        sub = sb.batch.rows(sb.micro_batches[j])
+        return completion_logprobs(self.model, sub, temperature), sub
+
     @torch.no_grad()
     def _reference_logprobs(self, sb: StepBatch) -> torch.Tensor:
         """Log-probs under the original weights of the trained layers (swapped in, then back)."""
@@ -147,11 +166,12 @@ class Trainer:
             for n, p in self.trained.items():
                 p.copy_(current[n])
 
+    @torch.no_grad()
     def _logprobs_no_grad(self, sb: StepBatch) -> torch.Tensor:
         out = torch.zeros(sb.batch.completion_mask.shape, device=self.device)
-        for rows in sb.micro_batches:
-            sub = sb.batch.rows(rows)
-            out[rows, : sub.completion_mask.shape[1]] = completion_logprobs(self.model, sub, self.config.rollout.temperature)
+        for j, rows in enumerate(sb.micro_batches):
+            logp, _ = self._policy_logprobs(sb, j)
+            out[rows, : logp.shape[1]] = logp
         return out
 
     def _optimize(self, sb: StepBatch, iteration: int) -> dict[str, float]:
@@ -176,10 +196,9 @@ class Trainer:
             sb.old_logp = torch.zeros(sb.batch.completion_mask.shape, device=self.device)
         total = {"loss": 0.0, "kl": 0.0, "clip": 0.0}
         self.model.train()
-        for rows in sb.micro_batches:
-            sub = sb.batch.rows(rows)
-            C = sub.completion_mask.shape[1]
-            logp = completion_logprobs(self.model, sub, self.config.rollout.temperature)
+        for j, rows in enumerate(sb.micro_batches):
+            logp, sub = self._policy_logprobs(sb, j)
+            C = logp.shape[1]
             if iteration == 0:
                 sb.old_logp[rows, :C] = logp.detach()
             ref = sb.ref_logp[rows, :C] if sb.ref_logp is not None else None

@@ -31,10 +31,14 @@ def _full_parameter_grads(tiny_model, sb, temperature: float) -> dict[str, torch
     return {n: p.grad for n, p in model.named_parameters() if n.startswith(f"model.layers.{LAYER}.")}
 
 
+@pytest.mark.parametrize("cached", [True, False])
 @pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "bnpo"])
-def test_layer_gradient_matches_full_parameter_autograd(tiny_model, loss_type):
+def test_layer_gradient_matches_full_parameter_autograd(tiny_model, loss_type, cached):
     trainer = _trainer(tiny_model, loss_type)
     sb = trainer.rollout_batch()
+    if cached:
+        trainer.attach_prefix(sb)
+        assert sb.prefix is not None and len(sb.prefix) == len(sb.micro_batches)
     assert sb.advantages.abs().sum() > 0, "the batch must carry signal"
     assert len(sb.micro_batches) > 1
     trainer.accumulate_gradients(sb)

@@ -1,0 +1,72 @@
+"""The frozen prefix, run once per rollout batch: embeddings and the decoder layers below the first
+trained layer never change within a batch, so the hidden state entering the trained layer is computed
+once, with no autograd, and reused by the reference pass and every optimization pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..rollout.base import Batch
+
+
+@dataclass
+class LayerContext:
+    """What every decoder layer needs besides the hidden state: positions, rotary tables and masks."""
+
+    position_ids: torch.Tensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    masks: dict[str, torch.Tensor | None]
+
+
+@dataclass
+class PrefixEntry:
+    """One micro-batch: its (trimmed) batch, the context, and the hidden state entering layer `start`."""
+
+    batch: Batch
+    context: LayerContext
+    hidden: torch.Tensor
+
+
+def layer_context(model: nn.Module, batch: Batch, embeds: torch.Tensor) -> LayerContext:
+    """Positions, rotary embeddings and attention masks exactly as the HF model builds them."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    inner = model.model
+    position_ids = (batch.attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    kwargs = {"config": inner.config, "inputs_embeds": embeds, "attention_mask": batch.attention_mask,
+              "past_key_values": None, "position_ids": position_ids}
+    masks = {"full_attention": create_causal_mask(**kwargs)}
+    if getattr(inner, "has_sliding_layers", False):
+        masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
+    return LayerContext(position_ids, inner.rotary_emb(embeds, position_ids), masks)
+
+
+def run_layers(model: nn.Module, hidden: torch.Tensor, ctx: LayerContext, start: int, stop: int) -> torch.Tensor:
+    """Decoder layers start .. stop-1 applied to `hidden`."""
+    inner = model.model
+    layer_types = getattr(inner.config, "layer_types", None) or ["full_attention"] * len(inner.layers)
+    for i in range(start, stop):
+        hidden = inner.layers[i](hidden, attention_mask=ctx.masks[layer_types[i]], position_ids=ctx.position_ids,
+                                 position_embeddings=ctx.position_embeddings)
+    return hidden
+
+
+@torch.no_grad()
+def compute_prefix(model: nn.Module, batch: Batch, start: int) -> PrefixEntry:
+    """Embeddings and layers 0 .. start-1 of one micro-batch, without autograd."""
+    embeds = model.model.embed_tokens(batch.input_ids)
+    ctx = layer_context(model, batch, embeds)
+    return PrefixEntry(batch, ctx, run_layers(model, embeds, ctx, 0, start))
+
+
+def logprobs_from_prefix(model: nn.Module, entry: PrefixEntry, start: int, temperature: float = 1.0) -> torch.Tensor:
+    """Completion log-probs (B x C) from the cached hidden state: layers start.. , final norm, head."""
+    hidden = run_layers(model, entry.hidden, entry.context, start, len(model.model.layers))
+    P = entry.batch.prompt_len
+    h = model.model.norm(hidden[:, P - 1 : -1])
+    logits = model.lm_head(h).float() / temperature
+    targets = entry.batch.input_ids[:, P:]
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
