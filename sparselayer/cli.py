@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from .bench import PRESETS, StepBenchConfig
 from .config import SECTIONS, TrainConfig
 from .errors import ConfigError, SparseLayerError
 
@@ -67,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="write a full HF model folder with the trained layer(s) merged")
     ex.add_argument("run_dir", help="run directory written by `sparselayer train`")
     ex.add_argument("--output", type=Path, required=True, help="folder to write the merged model to")
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    step = bench.add_parser("step", help="full-parameter GRPO step vs the layer-sparse step, same model and batch")
+    step.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                      help="model shape: default (24 layers, hidden 512, vocab 32768) or qwen3-8b")
+    for f in dataclasses.fields(StepBenchConfig):
+        step.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
+                          type=type(f.default), help=f"default: {f.default} (or the preset's)")
+    step.add_argument("--output", type=Path, default=Path("benchmarks/results/step.json"))
     return parser
 
 
@@ -147,10 +156,24 @@ def _quiet_libraries() -> None:
     logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import bench_step, format_table
+
+    fields = {f.name for f in dataclasses.fields(StepBenchConfig)}
+    values = {**PRESETS[args.preset], **{k: v for k, v in vars(args).items() if k in fields}}
+    cfg = StepBenchConfig(**values)
+    if min(cfg.num_layers, cfg.hidden, cfg.vocab, cfg.prompts, cfg.generations, cfg.steps) < 1 or not 0 <= cfg.layer < cfg.num_layers:
+        raise ConfigError("bench step: sizes must be positive and --layer within the model's layers")
+    result = bench_step(cfg, args.output)
+    print(format_table(result))
+    print(f"written to {args.output}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
-    handler = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export}[args.command]
+    handler = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "bench": cmd_bench}[args.command]
     try:
         return handler(args)
     except SparseLayerError as exc:

@@ -1,0 +1,29 @@
+"""The step benchmark runs both variants on a tiny shape and reports consistent figures."""
+from __future__ import annotations
+
+import json
+
+from sparselayer.bench import StepBenchConfig, bench_step, format_table
+from sparselayer.cli import main
+
+TINY = dict(num_layers=4, hidden=64, intermediate=128, vocab=512, heads=4, kv_heads=2, layer=2, prompts=2,
+            generations=4, prompt_len=8, completion_len=8, steps=1)
+
+
+def test_bench_step_compares_full_and_sparse(tmp_path):
+    result = bench_step(StepBenchConfig(**TINY), tmp_path / "step.json")
+    full, sparse = result["results"]
+    assert (full["variant"], sparse["variant"]) == ("full", "sparse")
+    assert full["trainable_params"] > sparse["trainable_params"] > 0
+    for row in (full, sparse):
+        assert row["step_time_s"] > 0 and row["peak_mem_bytes"] > 0 and row["tokens_per_s"] > 0
+        phases = sum(row[k] for k in ("rollout_s", "reward_s", "logprob_s", "train_s", "push_s"))
+        assert abs(phases - row["step_time_s"]) < 1e-9
+    assert result["speedup"] == full["step_time_s"] / sparse["step_time_s"]
+    assert json.loads((tmp_path / "step.json").read_text())["results"] == result["results"]
+    assert "speedup" in format_table(result)
+
+
+def test_bench_cli_rejects_bad_layer(capsys):
+    assert main(["bench", "step", "--num-layers", "4", "--layer", "9"]) == 2
+    assert "within the model's layers" in capsys.readouterr().err
