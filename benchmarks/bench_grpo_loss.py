@@ -1,0 +1,275 @@
+"""Memory and time of GRPO loss forward + backward through a frozen LM head: fused vs naive.
+
+naive: materialized logits, log_softmax, gather (sparselayer.kernels.grpo_loss_reference);
+fused: sparselayer.kernels.grpo_loss.grpo_loss (chunked PyTorch on CPU, Triton on CUDA).
+
+Every (method, tokens, vocab) point runs in a fresh child process, so one run's allocator caches
+cannot hide another's memory. Peak EXTRA memory is measured after the inputs exist:
+  CPU  rss_extra   peak resident set size over the first (cold) forward + backward minus the resident
+                   size before it (VmHWM reset through /proc/self/clear_refs; a 1 ms /proc/self/statm
+                   sampling thread where that is not allowed). Counts everything: torch, MKL, malloc.
+       alloc_extra peak of live bytes of the torch CPU allocator over one forward + backward, from
+                   torch.profiler memory events.
+  CUDA alloc_extra torch.cuda.max_memory_allocated() minus memory_allocated() before the run.
+Time: median wall time of --reps warm forward + backward runs.
+
+    python benchmarks/bench_grpo_loss.py                        # CPU default: 1k, 8k tokens x 32k vocab
+    python benchmarks/bench_grpo_loss.py --tokens 1024 8192 32768 --vocab 32768 151936 --device cuda
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUTPUT = ROOT / "benchmarks" / "results" / "grpo_loss.json"
+PAGE = os.sysconf("SC_PAGE_SIZE")
+MiB = 2**20
+
+
+# ---------------------------------------------------------------------------------------------- memory probes
+
+
+def _status_kib(field: str) -> int:
+    """One 'kB' field of /proc/self/status (VmRSS, VmHWM) in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _rss_bytes() -> int:
+    """Current resident set size from /proc/self/statm."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * PAGE
+
+
+class RssPeak:
+    """Peak RSS over a block: the kernel's high-water mark when it can be reset, else a 1 ms sampler."""
+
+    def __enter__(self) -> "RssPeak":
+        self.base = _rss_bytes()
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+            self.method = "VmHWM"
+        except OSError:
+            self.method = "statm sampling"
+            self._samples = [self.base]
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._samples.append(_rss_bytes())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc) -> None:
+        if self.method == "VmHWM":
+            self.peak = _status_kib("VmHWM") * 1024
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self._samples + [_rss_bytes()])
+        self.extra = max(0, self.peak - self.base)
+
+
+def allocator_peak_cpu(fn) -> int:
+    """Peak live bytes of torch's CPU allocator while fn runs (torch.profiler memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and str(e.device_type()).endswith("CPU"))
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+# ---------------------------------------------------------------------------------------------- one point
+
+
+def make_inputs(tokens: int, vocab: int, hidden: int, dtype: torch.dtype, device: str, beta: float) -> dict:
+    """Seeded random loss inputs: hidden (requires grad), frozen head weight, per-token GRPO tensors."""
+    g = torch.Generator().manual_seed(0)
+    h = (torch.randn(tokens, hidden, generator=g)).to(device, dtype).requires_grad_()
+    w = (torch.randn(vocab, hidden, generator=g) * 2 / hidden**0.5).to(device, dtype)
+    old = torch.log(torch.tensor(1.0 / vocab)) + 0.3 * torch.randn(tokens, generator=g)
+    return dict(hidden=h, weight=w, targets=torch.randint(0, vocab, (tokens,), generator=g).to(device),
+                old_logp=old.to(device), advantages=torch.randn(tokens, generator=g).to(device),
+                token_weights=torch.full((tokens,), 1.0 / tokens, device=device), epsilon=0.2, epsilon_high=0.28,
+                beta=beta, ref_logp=(old + 0.1).to(device) if beta > 0 else None)
+
+
+def step_fn(method: str, inputs: dict, chunk_tokens: int, chunk_vocab: int):
+    """A closure running forward + backward of one method and dropping the gradient afterwards."""
+    from sparselayer.kernels.grpo_loss import fused_grpo_loss, grpo_loss
+    from sparselayer.kernels.grpo_loss_reference import reference_grpo_loss
+
+    def run() -> None:
+        if method == "naive":
+            loss, _ = reference_grpo_loss(**inputs)
+        elif inputs["hidden"].is_cuda:
+            loss, _ = grpo_loss(**inputs)
+        else:
+            loss, _ = fused_grpo_loss(**inputs, chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab)
+        loss.backward()
+        inputs["hidden"].grad = None
+
+    return run
+
+
+def measure(method: str, tokens: int, vocab: int, hidden: int, dtype: str, device: str, reps: int, beta: float,
+            chunk_tokens: int, chunk_vocab: int) -> dict:
+    """Peak extra memory and median time of one (method, tokens, vocab) point, in this process."""
+    inputs = make_inputs(tokens, vocab, hidden, getattr(torch, dtype), device, beta)
+    run = step_fn(method, inputs, chunk_tokens, chunk_vocab)
+    result = dict(method=method, tokens=tokens, vocab=vocab, hidden=hidden, dtype=dtype, device=device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        torch.cuda.synchronize()
+        result["alloc_extra_bytes"] = torch.cuda.max_memory_allocated() - base
+    else:
+        with RssPeak() as rss:
+            run()
+        result.update(rss_extra_bytes=rss.extra, rss_method=rss.method, alloc_extra_bytes=allocator_peak_cpu(run))
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        run()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    result.update(time_s=statistics.median(times), times_s=times)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def naive_fits(tokens: int, vocab: int, device: str, limit_bytes: float) -> bool:
+    """Whether the naive path's ~4 fp32 tokens x vocab tensors fit under the memory limit."""
+    return 4 * tokens * vocab * 4 <= limit_bytes
+
+
+def available_bytes(device: str) -> float:
+    """Free memory now: MemAvailable on CPU, free device memory on CUDA."""
+    if device == "cuda":
+        return float(torch.cuda.mem_get_info()[0])
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024.0
+    return float("inf")
+
+
+def run_child(point: dict) -> dict:
+    """Measure one point in a fresh Python process (clean allocator, honest peak)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(point)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return dict(point, error=(proc.stderr.strip().splitlines() or ["failed"])[-1])
+    return json.loads(lines[-1])
+
+
+def _cell(row: dict | None, key: str, fmt) -> str:
+    """One table cell: the formatted value, the row's error (truncated), or '-'."""
+    if row is None:
+        return "-"
+    return fmt(row[key]) if key in row else row.get("error", "-")[:30]
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown table: one line per (tokens, vocab) with both methods side by side."""
+    mem = "rss_extra_bytes" if any("rss_extra_bytes" in r for r in rows) else "alloc_extra_bytes"
+    label = mem.removesuffix("_bytes")
+    head = ["tokens", "vocab", "naive time s", "fused time s", f"naive {label} MiB", f"fused {label} MiB",
+            "naive alloc MiB", "fused alloc MiB", "fused/naive mem"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    secs, mib = (lambda t: f"{t:.2f}"), (lambda b: f"{b / MiB:.1f}")
+    for tokens, vocab in sorted({(r["tokens"], r["vocab"]) for r in rows}):
+        by = {r["method"]: r for r in rows if (r["tokens"], r["vocab"]) == (tokens, vocab)}
+        naive, fused = by.get("naive"), by.get("fused")
+        ratio = "-"
+        if naive and fused and mem in naive and mem in fused:
+            ratio = f"{fused[mem] / max(naive[mem], 1):.1%}"
+        cells = [str(tokens), str(vocab), _cell(naive, "time_s", secs), _cell(fused, "time_s", secs),
+                 _cell(naive, mem, mib), _cell(fused, mem, mib), _cell(naive, "alloc_extra_bytes", mib),
+                 _cell(fused, "alloc_extra_bytes", mib), ratio]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line flags; token and vocab defaults depend on the device."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--tokens", type=int, nargs="+", help="default: 1024 8192 on CPU, 1024 8192 32768 on CUDA")
+    p.add_argument("--vocab", type=int, nargs="+", help="default: 32768 on CPU, 32768 151936 on CUDA")
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
+    p.add_argument("--methods", nargs="+", default=["naive", "fused"], choices=["naive", "fused"])
+    p.add_argument("--reps", type=int, default=3, help="timed warm runs per point (median reported)")
+    p.add_argument("--beta", type=float, default=0.0)
+    p.add_argument("--chunk-tokens", type=int, default=1024)
+    p.add_argument("--chunk-vocab", type=int, default=4096)
+    p.add_argument("--memory-limit-gb", type=float, default=None,
+                   help="skip naive points needing more (default: 80%% of free memory)")
+    p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every requested point in a child process, print the table, write JSON."""
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(measure(**json.loads(args.worker))))
+        return 0
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    cuda = device == "cuda"
+    tokens = args.tokens or ([1024, 8192, 32768] if cuda else [1024, 8192])
+    vocabs = args.vocab or ([32768, 151936] if cuda else [32768])
+    dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    limit = args.memory_limit_gb * 2**30 if args.memory_limit_gb else 0.8 * available_bytes(device)
+    rows = []
+    for n in tokens:
+        for v in vocabs:
+            for method in args.methods:
+                point = dict(method=method, tokens=n, vocab=v, hidden=args.hidden, dtype=dtype, device=device,
+                             reps=args.reps, beta=args.beta, chunk_tokens=args.chunk_tokens,
+                             chunk_vocab=args.chunk_vocab)
+                if method == "naive" and not naive_fits(n, v, device, limit):
+                    rows.append(dict(point, error="skipped: over memory limit"))
+                    continue
+                rows.append(run_child(point))
+                print(json.dumps(rows[-1]), file=sys.stderr)
+    table = format_table(rows)
+    print(table)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), cpu_count=os.cpu_count(), device=device)
+    args.output.write_text(json.dumps(dict(meta=meta, results=rows, table=table), indent=2) + "\n")
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
