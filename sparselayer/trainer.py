@@ -17,8 +17,9 @@ import torch
 from .config import TrainConfig
 from .memory import peak_bytes, reset_peak
 from .model.layout import decoder_layers, freeze_except, layers_label, load_model, parse_layers
-from .model.logprobs import completion_logprobs
-from .model.prefix_cache import PrefixEntry, compute_prefix, logprobs_from_prefix
+from .kernels import grpo_loss, logprobs
+from .model.logprobs import completion_hidden
+from .model.prefix_cache import PrefixEntry, compute_prefix, hidden_from_prefix
 from .packing import pack_balanced
 from .rl.grpo import group_advantages, per_token_loss, token_weights
 from .rollout.base import Batch, RolloutEngine, Rollouts, collate
@@ -83,6 +84,8 @@ class Trainer:
         self.trained = freeze_except(self.model, self.layers)
         # first trained layer: the prefix below it is cached (None: no cache, e.g. --layers all)
         self.cache_start = min(self.layers) if self.layers is not None and m.prefix_cache else None
+        # the fused head/loss returns dL/dhidden only, so it needs a frozen LM head
+        self.fused = m.fused_loss and not self.model.lm_head.weight.requires_grad
         self.engine = engine or HFRolloutEngine(self.model, self.tokenizer)
         self.max_completion_length = (config.rollout.max_completion_length
                                       or self.task.suggested_max_completion_length)
@@ -145,14 +148,28 @@ class Trainer:
         if self.cache_start is not None:
             sb.prefix = [compute_prefix(self.model, sb.batch.rows(rows), self.cache_start) for rows in sb.micro_batches]
 
-    def _policy_logprobs(self, sb: StepBatch, j: int) -> tuple[torch.Tensor, Batch]:
-        """Log-probs of micro-batch j: from the cached prefix when there is one, else a full forward."""
-        temperature = self.config.rollout.temperature
+    def _policy_hidden(self, sb: StepBatch, j: int) -> tuple[torch.Tensor, Batch]:
+        """Final hidden states (B' x C x H) of micro-batch j: from the cached prefix, else a full forward."""
         if sb.prefix is not None:
             entry = sb.prefix[j]
-            return logprobs_from_prefix(self.model, entry, self.cache_start, temperature), entry.batch
+            return hidden_from_prefix(self.model, entry, self.cache_start), entry.batch
         sub = sb.batch.rows(sb.micro_batches[j])
-        return completion_logprobs(self.model, sub, temperature), sub
+        return completion_hidden(self.model, sub), sub
+
+    def _head_logprobs(self, h: torch.Tensor, sub: Batch) -> torch.Tensor:
+        """Completion log-probs (B' x C) through the LM head: fused when the head is frozen, else plain."""
+        targets = sub.input_ids[:, sub.prompt_len:]
+        temperature = self.config.rollout.temperature
+        if self.fused and not torch.is_grad_enabled():
+            flat = logprobs(h.reshape(-1, h.shape[-1]), self.model.lm_head.weight, targets.reshape(-1), temperature)
+            return flat.view(targets.shape)
+        logits = self.model.lm_head(h).float() / temperature
+        return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
+
+    def _policy_logprobs(self, sb: StepBatch, j: int) -> tuple[torch.Tensor, Batch]:
+        """Log-probs of micro-batch j and the (trimmed) batch they belong to."""
+        h, sub = self._policy_hidden(sb, j)
+        return self._head_logprobs(h, sub), sub
 
     @torch.no_grad()
     def _reference_logprobs(self, sb: StepBatch) -> torch.Tensor:
@@ -197,21 +214,40 @@ class Trainer:
         total = {"loss": 0.0, "kl": 0.0, "clip": 0.0}
         self.model.train()
         for j, rows in enumerate(sb.micro_batches):
-            logp, sub = self._policy_logprobs(sb, j)
-            C = logp.shape[1]
+            h, sub = self._policy_hidden(sb, j)
+            C = h.shape[1]
+            old = None if iteration == 0 else sb.old_logp[rows, :C]  # pass 0 is on-policy: old = logp
+            ref = sb.ref_logp[rows, :C] if sb.ref_logp is not None else None
+            loss, logp = self._loss(h, sub, old, sb.advantages[rows], sb.weights[rows, :C], ref)
+            loss.backward()
             if iteration == 0:
                 sb.old_logp[rows, :C] = logp.detach()
-            ref = sb.ref_logp[rows, :C] if sb.ref_logp is not None else None
-            tl = per_token_loss(logp, sb.old_logp[rows, :C], sb.advantages[rows], rl.epsilon, eps_high, rl.beta, ref)
-            loss = (tl.loss * sb.weights[rows, :C]).sum()
-            loss.backward()
+            with torch.no_grad():  # diagnostics only
+                tl = per_token_loss(logp.detach(), sb.old_logp[rows, :C], sb.advantages[rows], rl.epsilon, eps_high,
+                                    rl.beta, ref)
             m = sub.completion_mask.float()
             total["loss"] += loss.item()
-            total["kl"] += float((tl.kl.detach() * m).sum())
+            total["kl"] += float((tl.kl * m).sum())
             total["clip"] += float((tl.clipped.float() * m).sum())
         self.model.eval()
         ntok = float(sb.batch.completion_mask.sum().clamp(min=1))
         return {"loss": total["loss"], "kl": total["kl"] / ntok, "clip_ratio": total["clip"] / ntok}
+
+    def _loss(self, h: torch.Tensor, sub: Batch, old: torch.Tensor | None, adv: torch.Tensor,
+              weights: torch.Tensor, ref: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weighted GRPO loss of one micro-batch, its log-probs B' x C): fused head + loss, or plain autograd."""
+        rl = self.config.rl
+        eps_high = rl.epsilon_high if rl.epsilon_high is not None else rl.epsilon
+        B, C, H = h.shape
+        if self.fused:
+            flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
+            loss, logp = grpo_loss(h.reshape(-1, H), self.model.lm_head.weight, flat(sub.input_ids[:, sub.prompt_len:]),
+                                   flat(old), adv.repeat_interleave(C), flat(weights), rl.epsilon, eps_high, rl.beta,
+                                   flat(ref), None, self.config.rollout.temperature)
+            return loss, logp.view(B, C)
+        logp = self._head_logprobs(h, sub)
+        tl = per_token_loss(logp, logp.detach() if old is None else old, adv, rl.epsilon, eps_high, rl.beta, ref)
+        return (tl.loss * weights).sum(), logp
 
     def rollout_batch(self) -> StepBatch:
         """Sample and score the next rollout batch (the first half of `step`, for tests and other stacks)."""

@@ -14,8 +14,8 @@ from sparselayer.trainer import Trainer
 LAYER = 2
 
 
-def _trainer(tiny_model, loss_type: str, layers: str = str(LAYER)) -> Trainer:
-    cfg = TrainConfig.from_mapping({"model": str(tiny_model), "layers": layers, "prompts_per_step": 4,
+def _trainer(tiny_model, loss_type: str, layers: str = str(LAYER), fused: bool = True) -> Trainer:
+    cfg = TrainConfig.from_mapping({"model": str(tiny_model), "layers": layers, "prompts_per_step": 4, "fused_loss": fused,
                                     "num_generations": 4, "micro_batch_size": 3, "loss_type": loss_type,
                                     "dtype": "float32", "max_completion_length": 8, "seed": 3})
     return Trainer(cfg, task=DigitShareTask())
@@ -31,10 +31,12 @@ def _full_parameter_grads(tiny_model, sb, temperature: float) -> dict[str, torch
     return {n: p.grad for n, p in model.named_parameters() if n.startswith(f"model.layers.{LAYER}.")}
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("cached", [True, False])
 @pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "bnpo"])
-def test_layer_gradient_matches_full_parameter_autograd(tiny_model, loss_type, cached):
-    trainer = _trainer(tiny_model, loss_type)
+def test_layer_gradient_matches_full_parameter_autograd(tiny_model, loss_type, cached, fused):
+    trainer = _trainer(tiny_model, loss_type, fused=fused)
+    assert trainer.fused == fused
     sb = trainer.rollout_batch()
     if cached:
         trainer.attach_prefix(sb)

@@ -166,7 +166,8 @@ class FusedGRPOLoss(torch.autograd.Function):
                 kernels: LMHeadKernels) -> tuple[torch.Tensor, torch.Tensor]:
         lse, target_logit = kernels.lse_and_target(hidden, weight, targets, params.temperature)
         logp = target_logit - lse
-        loss, grad_logp = surrogate_and_grad(logp, old_logp, advantages, token_weights, params, ref_logp, tis_weights)
+        old = logp if old_logp is None else old_logp  # None: on-policy pass, ratio 1 (old = logp, detached)
+        loss, grad_logp = surrogate_and_grad(logp, old, advantages, token_weights, params, ref_logp, tis_weights)
         ctx.save_for_backward(hidden, weight, targets, lse, grad_logp)
         ctx.temperature = params.temperature
         ctx.kernels = kernels

@@ -62,11 +62,17 @@ def compute_prefix(model: nn.Module, batch: Batch, start: int) -> PrefixEntry:
     return PrefixEntry(batch, ctx, run_layers(model, embeds, ctx, 0, start))
 
 
-def logprobs_from_prefix(model: nn.Module, entry: PrefixEntry, start: int, temperature: float = 1.0) -> torch.Tensor:
-    """Completion log-probs (B x C) from the cached hidden state: layers start.. , final norm, head."""
+def hidden_from_prefix(model: nn.Module, entry: PrefixEntry, start: int) -> torch.Tensor:
+    """Final-norm hidden states (B x C x H) at the positions that predict completion tokens."""
     hidden = run_layers(model, entry.hidden, entry.context, start, len(model.model.layers))
     P = entry.batch.prompt_len
-    h = model.model.norm(hidden[:, P - 1 : -1])
+    return model.model.norm(hidden[:, P - 1 : -1])
+
+
+def logprobs_from_prefix(model: nn.Module, entry: PrefixEntry, start: int, temperature: float = 1.0) -> torch.Tensor:
+    """Completion log-probs (B x C) from the cached hidden state: layers start.. , final norm, head."""
+    h = hidden_from_prefix(model, entry, start)
+    P = entry.batch.prompt_len
     logits = model.lm_head(h).float() / temperature
     targets = entry.batch.input_ids[:, P:]
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
