@@ -75,7 +75,7 @@ class SyntheticEngine(RolloutEngine):
 
 
 class RandomRewardTask(Task):
-    """Rewards drawn from a hash of the completion text, so groups carry signal."""
+    """Rewards from a deterministic function of the completion text, so groups carry signal."""
 
     name = "random-reward"
     suggested_max_completion_length = 128
@@ -92,7 +92,7 @@ class RandomRewardTask(Task):
         return self._train[:1]
 
     def is_correct(self, completion: str, example: Example) -> bool:
-        return hash(completion) % 2 == 0
+        return self.reward(completion, example) > 0.5
 
     def reward(self, completion: str, example: Example) -> float:
         return float(sum(map(ord, completion[:64])) % 7) / 6

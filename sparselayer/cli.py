@@ -44,7 +44,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                                    default=argparse.SUPPRESS, help=HELP.get(f.name, default_text))
             else:
                 group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(),
-                                   help=HELP.get(f.name, default_text) + ("" if f.name in HELP else ""))
+                                   help=HELP.get(f.name, default_text))
     parser.add_argument("--layer", dest="layer", default=argparse.SUPPRESS, metavar="K",
                         help="the one trained decoder layer (negative counts from the end)")
 

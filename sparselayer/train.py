@@ -1,6 +1,7 @@
 """A training run: run directory, resume, progress bar, checkpoints, base/final evaluation, summary."""
 from __future__ import annotations
 
+import json
 import random
 import time
 from datetime import datetime
@@ -100,9 +101,7 @@ def _evaluate(trainer: Trainer) -> dict[str, Any]:
 
 
 def _load_summary_seed(run: RunDir, start: int) -> dict[str, Any]:
-    """Keep the base accuracy and the time already spent when resuming."""
-    import json
-
+    """Keep the base accuracy measured before the run was interrupted."""
     path = run.path / "summary.json"
     if start == 0 or not path.exists():
         return {}
@@ -111,6 +110,4 @@ def _load_summary_seed(run: RunDir, start: int) -> dict[str, Any]:
 
 
 def _json(data: dict[str, Any]) -> str:
-    import json
-
     return json.dumps(data, indent=2) + "\n"
