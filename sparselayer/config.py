@@ -29,6 +29,7 @@ class ModelConfig:
     attn_implementation: str = "auto"  # auto (flash_attention_2 if installed on CUDA, else sdpa) | sdpa | eager
     device: str = "auto"  # auto | cpu | cuda
     prefix_cache: bool = True  # run the frozen layers below the trained ones once per rollout batch
+    gradient_checkpointing: bool = False  # recompute the layers above the cache in the backward (less memory)
     fused_loss: bool = True  # fused LM-head log-prob + GRPO loss (no tokens x vocab tensor) when the head is frozen
 
 

@@ -86,6 +86,8 @@ class Trainer:
         self.cache_start = min(self.layers) if self.layers is not None and m.prefix_cache else None
         # the fused head/loss returns dL/dhidden only, so it needs a frozen LM head
         self.fused = m.fused_loss and not self.model.lm_head.weight.requires_grad
+        if m.gradient_checkpointing and self.cache_start is None:  # the plain path: transformers' own
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.engine = engine or HFRolloutEngine(self.model, self.tokenizer)
         self.max_completion_length = (config.rollout.max_completion_length
                                       or self.task.suggested_max_completion_length)
@@ -152,7 +154,8 @@ class Trainer:
         """Final hidden states (B' x C x H) of micro-batch j: from the cached prefix, else a full forward."""
         if sb.prefix is not None:
             entry = sb.prefix[j]
-            return hidden_from_prefix(self.model, entry, self.cache_start), entry.batch
+            checkpoint = self.config.model.gradient_checkpointing
+            return hidden_from_prefix(self.model, entry, self.cache_start, checkpoint), entry.batch
         sub = sb.batch.rows(sb.micro_batches[j])
         return completion_hidden(self.model, sub), sub
 

@@ -73,3 +73,17 @@ def test_prefix_runs_once_per_rollout_batch(tiny_model):
     micro = -(-16 // 5)
     assert calls[True] == micro
     assert calls[False] == 3 * micro  # reference pass + two optimization passes
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_gradient_checkpointing_changes_nothing_but_memory(tiny_model, cache):
+    grads = {}
+    for checkpointing in (False, True):
+        trainer = _trainer(tiny_model, prefix_cache=cache, gradient_checkpointing=checkpointing, beta=0.0)
+        sb = trainer.rollout_batch()
+        trainer.attach_prefix(sb)
+        trainer.accumulate_gradients(sb)
+        grads[checkpointing] = {n: p.grad.clone() for n, p in trainer.trained.items()}
+    for name, plain in grads[False].items():
+        assert plain.norm() > 0
+        assert _rel(grads[True][name], plain) <= 1e-6, name

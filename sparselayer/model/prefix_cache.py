@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from ..rollout.base import Batch
@@ -44,13 +45,20 @@ def layer_context(model: nn.Module, batch: Batch, embeds: torch.Tensor) -> Layer
     return LayerContext(position_ids, inner.rotary_emb(embeds, position_ids), masks)
 
 
-def run_layers(model: nn.Module, hidden: torch.Tensor, ctx: LayerContext, start: int, stop: int) -> torch.Tensor:
-    """Decoder layers start .. stop-1 applied to `hidden`."""
+def run_layers(model: nn.Module, hidden: torch.Tensor, ctx: LayerContext, start: int, stop: int,
+               checkpoint: bool = False) -> torch.Tensor:
+    """Decoder layers start .. stop-1 applied to `hidden`; with `checkpoint`, each layer keeps only its
+    input for the backward and recomputes the rest (less memory, one more forward of those layers)."""
     inner = model.model
     layer_types = getattr(inner.config, "layer_types", None) or ["full_attention"] * len(inner.layers)
+    recompute = checkpoint and torch.is_grad_enabled()
     for i in range(start, stop):
-        hidden = inner.layers[i](hidden, attention_mask=ctx.masks[layer_types[i]], position_ids=ctx.position_ids,
-                                 position_embeddings=ctx.position_embeddings)
+        kwargs = {"attention_mask": ctx.masks[layer_types[i]], "position_ids": ctx.position_ids,
+                  "position_embeddings": ctx.position_embeddings}
+        if recompute:
+            hidden = torch.utils.checkpoint.checkpoint(inner.layers[i], hidden, use_reentrant=False, **kwargs)
+        else:
+            hidden = inner.layers[i](hidden, **kwargs)
     return hidden
 
 
@@ -62,9 +70,9 @@ def compute_prefix(model: nn.Module, batch: Batch, start: int) -> PrefixEntry:
     return PrefixEntry(batch, ctx, run_layers(model, embeds, ctx, 0, start))
 
 
-def hidden_from_prefix(model: nn.Module, entry: PrefixEntry, start: int) -> torch.Tensor:
+def hidden_from_prefix(model: nn.Module, entry: PrefixEntry, start: int, checkpoint: bool = False) -> torch.Tensor:
     """Final-norm hidden states (B x C x H) at the positions that predict completion tokens."""
-    hidden = run_layers(model, entry.hidden, entry.context, start, len(model.model.layers))
+    hidden = run_layers(model, entry.hidden, entry.context, start, len(model.model.layers), checkpoint)
     P = entry.batch.prompt_len
     return model.model.norm(hidden[:, P - 1 : -1])
 
