@@ -18,7 +18,7 @@ from .config import TrainConfig
 from .memory import peak_bytes, reset_peak
 from .model.layout import decoder_layers, freeze_except, layers_label, load_model, parse_layers
 from .kernels import grpo_loss, logprobs
-from .model.logprobs import completion_hidden
+from .model.logprobs import completion_hidden, head_logprobs
 from .model.prefix_cache import PrefixEntry, compute_prefix, hidden_from_prefix
 from .packing import pack_balanced
 from .rl.grpo import group_advantages, per_token_loss, token_weights
@@ -166,8 +166,7 @@ class Trainer:
         if self.fused and not torch.is_grad_enabled():
             flat = logprobs(h.reshape(-1, h.shape[-1]), self.model.lm_head.weight, targets.reshape(-1), temperature)
             return flat.view(targets.shape)
-        logits = self.model.lm_head(h).float() / temperature
-        return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
+        return head_logprobs(self.model.lm_head, h, targets, temperature)
 
     def _policy_logprobs(self, sb: StepBatch, j: int) -> tuple[torch.Tensor, Batch]:
         """Log-probs of micro-batch j and the (trimmed) batch they belong to."""

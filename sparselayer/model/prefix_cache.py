@@ -11,6 +11,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from ..rollout.base import Batch
+from .logprobs import head_logprobs
 
 
 @dataclass
@@ -80,7 +81,4 @@ def hidden_from_prefix(model: nn.Module, entry: PrefixEntry, start: int, checkpo
 def logprobs_from_prefix(model: nn.Module, entry: PrefixEntry, start: int, temperature: float = 1.0) -> torch.Tensor:
     """Completion log-probs (B x C) from the cached hidden state: layers start.. , final norm, head."""
     h = hidden_from_prefix(model, entry, start)
-    P = entry.batch.prompt_len
-    logits = model.lm_head(h).float() / temperature
-    targets = entry.batch.input_ids[:, P:]
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
+    return head_logprobs(model.lm_head, h, entry.batch.input_ids[:, entry.batch.prompt_len:], temperature)
