@@ -31,6 +31,9 @@ class ModelConfig:
     prefix_cache: bool = True  # run the frozen layers below the trained ones once per rollout batch
     gradient_checkpointing: bool = False  # recompute the layers above the cache in the backward (less memory)
     fused_loss: bool = True  # fused LM-head log-prob + GRPO loss (no tokens x vocab tensor) when the head is frozen
+    quant: str = "auto"  # auto (nf4 on CUDA with bitsandbytes installed, else none) | none | nf4 | int8: frozen layers
+    prefix_cache_budget: str | None = None  # e.g. "2GiB": cache beyond it spills to CPU memory (pinned on CUDA)
+    kernels: str = "auto"  # auto (triton on CUDA, chunked torch elsewhere) | triton | torch
 
 
 @dataclass
@@ -60,13 +63,23 @@ class RLConfig:
     weight_decay: float = 0.0
     micro_batch_size: int = 32
     warmup_steps: int = 0
+    optim: str = "adamw"  # adamw (fp32 master weights for bf16 models) | adamw8bit (bitsandbytes)
+    tis_cap: float | None = None  # truncated importance sampling: cap on trainer/sampler probability ratios
+    boost_layers: str | None = None  # with --layers all: these layers ("top:3", "10,16") train at --boost-lr
+    boost_lr: float | None = None  # learning rate of --boost-layers (every other layer: --learning-rate)
 
 
 @dataclass
 class RolloutConfig:
     """How completions are sampled."""
 
-    rollout: str = "hf"
+    rollout: str = "auto"  # auto (vllm when importable, else hf) | vllm | hf
+    rollout_url: str | None = None  # http://host:port of `sparselayer serve`: rollouts and pushes go there
+    gpu_memory_utilization: float = 0.3  # vLLM: fraction of GPU memory for its weights and KV cache
+    max_model_len: int | None = None  # vLLM: None = longest prompt + max completion length
+    enforce_eager: bool = True  # vLLM: no CUDA graphs (faster start, less memory)
+    sleep_mode: bool = False  # vLLM on GPU: hand its memory back to the trainer between rollouts
+    check_sync: bool = False  # after each push, compare vLLM's log-probs of a fixed sequence with the trainer's
     max_completion_length: int | None = None  # None: the task's suggestion (8 for arithmetic, 256 otherwise)
     temperature: float = 1.0
     top_p: float = 1.0
@@ -154,8 +167,12 @@ class TrainConfig:
             raise ConfigError(f"--scale-rewards must be one of {', '.join(SCALE_REWARDS)}, got {rl.scale_rewards!r}")
         if not ro.temperature > 0 or not 0 < ro.top_p <= 1:
             raise ConfigError("--temperature must be > 0 and --top-p in (0, 1]")
-        if ro.rollout != "hf":
-            raise ConfigError(f"--rollout {ro.rollout!r} is not available: this build supports 'hf'")
+        _choice("--rollout", ro.rollout, ("auto", "vllm", "hf"))
+        _choice("--quant", self.model.quant, ("auto", "none", "nf4", "int8"))
+        _choice("--kernels", self.model.kernels, ("auto", "triton", "torch"))
+        _choice("--optim", rl.optim, ("adamw", "adamw8bit"))
+        if rl.tis_cap is not None and not (math.isfinite(rl.tis_cap) and rl.tis_cap >= 1):
+            raise ConfigError(f"--tis-cap must be a finite number >= 1, got {rl.tis_cap}")
         if self.task.dataset and self.task.task:
             raise ConfigError("--dataset and --task are exclusive: give one of them")
         _choice("--dtype", self.model.dtype, ("auto", "float32", "bfloat16", "float16"))
