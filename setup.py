@@ -8,7 +8,7 @@ from setuptools import setup
 ext_modules = [
     Pybind11Extension(
         "sparselayer._C",
-        ["csrc/packing.cpp"],
+        ["csrc/packing.cpp", "csrc/delta.cpp"],
         cxx_std=17,
         extra_compile_args=["/O2"] if sys.platform == "win32" else ["-O2"],
     ),

@@ -70,8 +70,11 @@ std::vector<std::vector<int64_t>> pack_balanced(const std::vector<int64_t>& leng
 
 }  // namespace
 
+void register_delta(py::module_& m);  // csrc/delta.cpp: sparse layer-delta codec
+
 PYBIND11_MODULE(_C, m) {
     m.doc() = "sparselayer host-side helpers (C++)";
     m.def("pack_balanced", &pack_balanced, py::arg("lengths"), py::arg("max_per_batch"),
           "Split indices into ceil(n/max_per_batch) micro-batches of balanced token sums.");
+    register_delta(m);
 }
