@@ -25,3 +25,11 @@ class RewardError(SparseLayerError):
 
 class RunError(SparseLayerError):
     """A run directory cannot be used (nothing to resume, checkpoint unreadable, ...)."""
+
+
+class DeltaError(SparseLayerError):
+    """A layer-delta payload is malformed or does not match the served model (refused, nothing applied)."""
+
+
+class RemoteError(SparseLayerError):
+    """A rollout server cannot be reached or refused a request."""
