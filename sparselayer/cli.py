@@ -18,7 +18,10 @@ from .errors import ConfigError, SparseLayerError
 
 HELP = {
     "model": "local Hugging Face model folder (Qwen3, Qwen2/2.5, Llama); default: the embedded tiny model",
-    "layers": "trained decoder layers: 16, -1, 14-18, 10,16 or all (full-parameter baseline)",
+    "layers": "trained decoder layers: 16, -1, 14-18, 10,16, mid:5 (middle five), top:3 (with --from) "
+              "or all (full-parameter baseline)",
+    "layer_ranking": "same as --from",
+    "boost_layers": "with --layers all: layers (10,16, mid:3 or top:3 with --from) trained at --boost-lr",
     "task": "built-in task name (arithmetic)",
     "dataset": "JSONL or Parquet file of prompt/answer rows (math answers checked); replaces --task",
     "reward": "user reward function module:function or file.py:function (TRL convention)",
@@ -47,6 +50,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                                    help=HELP.get(f.name, default_text))
     parser.add_argument("--layer", dest="layer", default=argparse.SUPPRESS, metavar="K",
                         help="the one trained decoder layer (negative counts from the end)")
+    parser.add_argument("--from", dest="layer_ranking", default=argparse.SUPPRESS, metavar="SWEEP_CSV",
+                        help="sweep.csv whose C(k) ranking resolves --layers/--boost-layers top:k")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="write a full HF model folder with the trained layer(s) merged")
     ex.add_argument("run_dir", help="run directory written by `sparselayer train`")
     ex.add_argument("--output", type=Path, required=True, help="folder to write the merged model to")
+    sw = sub.add_parser("sweep", help="train each layer alone and the full model; rank layers by contribution C(k)")
+    sw.add_argument("--config", type=Path, help="YAML file of training settings shared by every run")
+    sw.add_argument("--seeds", type=int, default=1, help="runs per layer (seeds seed..seed+N-1): mean and std")
+    sw.add_argument("--full-learning-rate", type=float, default=None,
+                    help="learning rate of the full-parameter baseline (default: --learning-rate)")
+    _add_config_flags(sw)
+    sw_sub = sw.add_subparsers(dest="sweep_command", required=False)
+    cmp = sw_sub.add_parser("compare", help="Spearman rank correlation of two sweeps' C(k)")
+    cmp.add_argument("csv_a", type=Path)
+    cmp.add_argument("csv_b", type=Path)
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     step = bench.add_parser("step", help="full-parameter GRPO step vs the layer-sparse step, same model and batch")
     step.add_argument("--preset", choices=sorted(PRESETS), default="default",
@@ -145,6 +160,27 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import compare_sweeps, format_table, run_sweep
+
+    if args.sweep_command == "compare":
+        result = compare_sweeps(args.csv_a, args.csv_b)
+        print(f"Spearman rank correlation {result['spearman']:+.3f} over {len(result['layers'])} common layers "
+              f"(p = {result['p_value']:.3g})")
+        return 0
+    layers = vars(args).pop("layers", None) or vars(args).pop("layer", None) or "all"
+    seeds = args.seeds
+    full_lr = args.full_learning_rate
+    for name in ("layer", "sweep_command", "seeds", "full_learning_rate"):
+        vars(args).pop(name, None)
+    args.resume = False
+    config = resolve_train_config(args)
+    summary = run_sweep(config, layers, seeds=seeds, full_learning_rate=full_lr, on_run=lambda line: print(line, flush=True))
+    print(format_table(summary))
+    print(f"written {summary['directory']}/sweep.csv, sweep.json and sweep.png")
+    return 0
+
+
 def _quiet_libraries() -> None:
     """Keep library chatter (weight-loading bars, hub notices) out of the user's terminal."""
     import logging
@@ -173,7 +209,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
-    handler = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "bench": cmd_bench}[args.command]
+    handler = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "bench": cmd_bench,
+               "sweep": cmd_sweep}[args.command]
     try:
         return handler(args)
     except SparseLayerError as exc:

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..data import DEFAULT_MODEL_DIR
 from ..errors import ConfigError, ModelError
+from .layer_select import is_selection, select_layers
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
@@ -100,11 +101,14 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.model.layers
 
 
-def parse_layers(spec: str, num_layers: int) -> list[int] | None:
-    """Trained layer indices from "16", "-1", "14-18", "10,16"; None means "all" (every parameter)."""
+def parse_layers(spec: str, num_layers: int, ranking_csv: str | None = None) -> list[int] | None:
+    """Trained layer indices from "16", "-1", "14-18", "10,16", "mid:5", "top:3" (ranked by
+    `ranking_csv`, a sweep CSV); None means "all" (every parameter)."""
     spec = str(spec).strip().lower()
     if spec == "all":
         return None
+    if is_selection(spec):
+        return select_layers(spec, num_layers, ranking_csv)
     picked: list[int] = []
     try:
         for part in filter(None, (p.strip() for p in spec.split(","))):
