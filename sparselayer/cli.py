@@ -21,6 +21,7 @@ HELP = {
     "layers": "trained decoder layers: 16, -1, 14-18, 10,16, mid:5 (middle five), top:3 (with --from) "
               "or all (full-parameter baseline)",
     "layer_ranking": "same as --from",
+    "full_learning_rate": "sweep: learning rate of the full-parameter baseline (default: --learning-rate)",
     "boost_layers": "with --layers all: layers (10,16, mid:3 or top:3 with --from) trained at --boost-lr",
     "task": "built-in task name (arithmetic)",
     "dataset": "JSONL or Parquet file of prompt/answer rows (math answers checked); replaces --task",
@@ -76,8 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="train each layer alone and the full model; rank layers by contribution C(k)")
     sw.add_argument("--config", type=Path, help="YAML file of training settings shared by every run")
     sw.add_argument("--seeds", type=int, default=1, help="runs per layer (seeds seed..seed+N-1): mean and std")
-    sw.add_argument("--full-learning-rate", type=float, default=None,
-                    help="learning rate of the full-parameter baseline (default: --learning-rate)")
     _add_config_flags(sw)
     sw_sub = sw.add_subparsers(dest="sweep_command", required=False)
     cmp = sw_sub.add_parser("compare", help="Spearman rank correlation of two sweeps' C(k)")
@@ -170,12 +169,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return 0
     layers = vars(args).pop("layers", None) or vars(args).pop("layer", None) or "all"
     seeds = args.seeds
-    full_lr = args.full_learning_rate
-    for name in ("layer", "sweep_command", "seeds", "full_learning_rate"):
+    for name in ("layer", "sweep_command", "seeds"):
         vars(args).pop(name, None)
     args.resume = False
     config = resolve_train_config(args)
-    summary = run_sweep(config, layers, seeds=seeds, full_learning_rate=full_lr, on_run=lambda line: print(line, flush=True))
+    summary = run_sweep(config, layers, seeds=seeds, on_run=lambda line: print(line, flush=True))
     print(format_table(summary))
     print(f"written {summary['directory']}/sweep.csv, sweep.json and sweep.png")
     return 0

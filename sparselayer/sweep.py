@@ -65,23 +65,20 @@ def default_sweep_dir(config: TrainConfig) -> Path:
 
 
 def run_sweep(config: TrainConfig, layers: str = "all", seeds: int = 1, output_dir: str | Path | None = None,
-              full_learning_rate: float | None = None, task: Task | None = None,
-              on_run: Callable[[str], None] | None = None) -> dict[str, Any]:
+              task: Task | None = None, on_run: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train the full baseline and each layer (x seeds), reusing finished runs; write CSV, JSON and plot.
 
-    `full_learning_rate` (default: the config's) is the baseline's rate: full-parameter RL usually
-    needs a smaller one than a single layer. `task` replaces the config's task (API users).
+    The baseline trains at `config.rl.full_learning_rate` when set (full-parameter RL usually needs
+    a smaller rate than a single layer), else at the layers' rate. `task` replaces the config's task.
     """
     config = config.validate()
     if seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
-    if full_learning_rate is not None and not (math.isfinite(full_learning_rate) and full_learning_rate > 0):
-        raise ConfigError(f"--full-learning-rate must be a positive number, got {full_learning_rate}")
-    full_lr = full_learning_rate or config.rl.learning_rate
+    full_lr = config.rl.full_learning_rate or config.rl.learning_rate
     num_layers = _num_layers(config)
     chosen = sweep_layers(layers, num_layers, config.model.layer_ranking)
     directory = Path(output_dir or config.run.output_dir or default_sweep_dir(config))
-    _claim_directory(directory, config, full_lr)
+    _claim_directory(directory, config)
     base = _read_base(directory)
     plan = [(None, s) for s in range(seeds)] + [(k, s) for s in range(seeds) for k in chosen]  # None: full
     results: list[RunResult] = []
@@ -117,10 +114,10 @@ def _settings(config: TrainConfig) -> dict[str, Any]:
             for section, values in config.to_dict().items()}
 
 
-def _claim_directory(directory: Path, config: TrainConfig, full_lr: float) -> None:
+def _claim_directory(directory: Path, config: TrainConfig) -> None:
     """Create the sweep folder, or check that an existing one was made with the same settings."""
     plan_file = directory / "sweep.yaml"
-    settings = {**_settings(config), "sweep": {"full_learning_rate": full_lr}}
+    settings = _settings(config)
     if plan_file.is_file():
         saved = yaml.safe_load(plan_file.read_text()) or {}
         differ = sorted(k for section in settings for k in settings[section]

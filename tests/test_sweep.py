@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+import yaml
 
 from sparselayer.cli import main
 from sparselayer.config import TrainConfig
@@ -142,11 +143,14 @@ def test_interrupted_sweep_resumes_and_reuses_finished_runs(tiny_model, tmp_path
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_sweep(_sweep_config(tiny_model), "1,3", output_dir=out, on_run=interrupt_third)
+        run_sweep(_sweep_config(tiny_model, full_learning_rate=0.001), "1,3", output_dir=out, on_run=interrupt_third)
     finished = {p.name: (p / "summary.json").stat().st_mtime_ns for p in (out / "runs").iterdir()}
     assert sorted(finished) == ["full-seed0", "layer1-seed0"] and (out / "base.json").is_file()
     assert (out / "sweep.csv").is_file()  # partial results after each run
-    summary = run_sweep(_sweep_config(tiny_model), "1,3", output_dir=out)
+    summary = run_sweep(_sweep_config(tiny_model, full_learning_rate=0.001), "1,3", output_dir=out)
+    rates = {name: yaml.safe_load((out / "runs" / name / "config.yaml").read_text())["rl"]["learning_rate"]
+             for name in ("full-seed0", "layer1-seed0")}
+    assert rates == {"full-seed0": 0.001, "layer1-seed0": 0.01}  # the baseline trains at --full-learning-rate
     assert {p.name: (p / "summary.json").stat().st_mtime_ns for p in (out / "runs").iterdir()
             if p.name in finished} == finished  # reused, not retrained
     layers = [r["layer"] for r in summary["rows"] if r["kind"] == "layer"]
@@ -156,7 +160,7 @@ def test_interrupted_sweep_resumes_and_reuses_finished_runs(tiny_model, tmp_path
     for name in ("sweep.csv", "sweep.json", "sweep.png"):
         assert (out / name).stat().st_size > 0
     with pytest.raises(ConfigError, match="other settings"):
-        run_sweep(_sweep_config(tiny_model, learning_rate=0.02), "1", output_dir=out)
+        run_sweep(_sweep_config(tiny_model), "1", output_dir=out)  # other --full-learning-rate
 
 
 def test_boost_layers_param_groups(tiny_model):
