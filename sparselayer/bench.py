@@ -20,6 +20,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from .config import TrainConfig
+from .errors import ConfigError
 from .memory import peak_bytes, reset_peak
 from .model.logprobs import completion_logprobs
 from .rl.grpo import per_token_loss
@@ -28,7 +29,8 @@ from .tasks.base import Example, Task
 
 PRESETS = {
     "default": dict(num_layers=24, hidden=512, intermediate=1536, vocab=32768, heads=8, kv_heads=4, layer=12),
-    "qwen3-8b": dict(num_layers=36, hidden=4096, intermediate=12288, vocab=151936, heads=32, kv_heads=8, layer=16),
+    "qwen3-8b": dict(num_layers=36, hidden=4096, intermediate=12288, vocab=151936, heads=32, kv_heads=8, layer=16,
+                     quant="nf4"),
 }
 
 
@@ -54,6 +56,7 @@ class StepBenchConfig:
     seed: int = 0
     dtype: str = "auto"
     device: str = "auto"
+    quant: str = "none"  # frozen layers of the sparse variant: none | nf4 | int8 (the full variant has none)
 
 
 class SyntheticEngine(RolloutEngine):
@@ -120,7 +123,7 @@ def _train_config(cfg: StepBenchConfig, model: Path, layers: str) -> TrainConfig
         "model": str(model), "layers": layers, "prompts_per_step": cfg.prompts, "num_generations": cfg.generations,
         "num_iterations": cfg.num_iterations, "beta": cfg.beta, "micro_batch_size": cfg.micro_batch_size,
         "max_completion_length": cfg.completion_len, "seed": cfg.seed, "dtype": cfg.dtype, "device": cfg.device,
-        "learning_rate": 1e-5, "loss_type": "grpo"})
+        "learning_rate": 1e-5, "loss_type": "grpo", "quant": "none" if layers == "all" else cfg.quant})
 
 
 class StandardGRPOStep:
@@ -211,6 +214,8 @@ def run_variant(cfg: StepBenchConfig, model: Path, variant: str) -> dict[str, An
 
 def bench_step(cfg: StepBenchConfig, output: Path | None = None) -> dict[str, Any]:
     """Run both variants, each in a fresh subprocess; return (and write) the table with ratios."""
+    if cfg.quant not in ("none", "nf4", "int8"):
+        raise ConfigError(f"bench step: --quant must be none, nf4 or int8, got {cfg.quant!r}")
     with tempfile.TemporaryDirectory(prefix="sparselayer-bench-") as tmp:
         model = build_random_model(cfg, Path(tmp) / "model")
         rows = [_run_in_subprocess(cfg, model, v) for v in ("full", "sparse")]

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import yaml
 
 from .errors import ConfigError
+from .sizes import parse_size
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -169,6 +170,11 @@ class TrainConfig:
             raise ConfigError("--temperature must be > 0 and --top-p in (0, 1]")
         _choice("--rollout", ro.rollout, ("auto", "vllm", "hf"))
         _choice("--quant", self.model.quant, ("auto", "none", "nf4", "int8"))
+        if self.model.quant in ("nf4", "int8") and str(self.model.layers).strip().lower() == "all":
+            raise ConfigError(f"--quant {self.model.quant} quantizes the frozen layers, but --layers all trains "
+                              "every layer: use --quant none")
+        if self.model.prefix_cache_budget is not None:
+            parse_size(self.model.prefix_cache_budget)
         _choice("--kernels", self.model.kernels, ("auto", "triton", "torch"))
         _choice("--optim", rl.optim, ("adamw", "adamw8bit"))
         if rl.tis_cap is not None and not (math.isfinite(rl.tis_cap) and rl.tis_cap >= 1):

@@ -16,14 +16,18 @@ import torch
 
 from .config import TrainConfig
 from .memory import peak_bytes, reset_peak
+from .optim import build_optimizer
 from .model.layout import decoder_layers, freeze_except, layers_label, load_model, parse_layers
 from .kernels import grpo_loss, logprobs
 from .model.logprobs import completion_hidden, head_logprobs
+from .model.cache_budget import PrefixBudget
 from .model.prefix_cache import PrefixEntry, compute_prefix, hidden_from_prefix
+from .model.quant import quantize_frozen, resolve_quant
 from .packing import pack_balanced
 from .rl.grpo import group_advantages, per_token_loss, token_weights
 from .rollout.base import Batch, RolloutEngine, Rollouts, collate
 from .rollout.hf import HFRolloutEngine
+from .sizes import parse_size
 from .tasks import Example, Task, build_task
 
 
@@ -69,6 +73,7 @@ class StepBatch:
     ref_logp: torch.Tensor | None = None
     old_logp: torch.Tensor | None = None
     prefix: list[PrefixEntry] | None = None  # per micro-batch, when the prefix cache is on
+    prefix_budget: PrefixBudget | None = None  # where those entries live (device or CPU memory)
 
 
 class Trainer:
@@ -82,6 +87,9 @@ class Trainer:
         self.device = next(self.model.parameters()).device
         self.layers = parse_layers(m.layers, len(decoder_layers(self.model)))
         self.trained = freeze_except(self.model, self.layers)
+        self.quant = resolve_quant(m.quant, self.device, self.layers)  # frozen decoder layers via bitsandbytes
+        quantize_frozen(self.model, self.layers, self.quant)
+        self.prefix_budget = parse_size(m.prefix_cache_budget) if m.prefix_cache_budget is not None else None
         # first trained layer: the prefix below it is cached (None: no cache, e.g. --layers all)
         self.cache_start = min(self.layers) if self.layers is not None and m.prefix_cache else None
         # the fused head/loss returns dL/dhidden only, so it needs a frozen LM head
@@ -92,7 +100,7 @@ class Trainer:
         self.max_completion_length = (config.rollout.max_completion_length
                                       or self.task.suggested_max_completion_length)
         rl = config.rl
-        self.optimizer = torch.optim.AdamW(self.trained.values(), lr=rl.learning_rate, weight_decay=rl.weight_decay)
+        self.optimizer = build_optimizer(self.trained.values(), config)  # fp32 masters for bf16; --optim
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / rl.warmup_steps) if rl.warmup_steps else 1.0)
         self.reference = ({n: p.detach().clone() for n, p in self.trained.items()} if rl.beta > 0 else None)
@@ -122,6 +130,7 @@ class Trainer:
             sb.ref_logp = self._reference_logprobs(sb)
         timer.mark("logprob_s")
         losses = [self._optimize(sb, it) for it in range(rl.num_iterations)]
+        sb.prefix = None  # the batch is done: free its cached activations before the push
         timer.mark("train_s")
         self.engine.update_weights(self.trained_state().items())
         timer.mark("push_s")
@@ -148,12 +157,15 @@ class Trainer:
     def attach_prefix(self, sb: StepBatch) -> None:
         """Run the frozen prefix of every micro-batch once and keep its output for all passes."""
         if self.cache_start is not None:
-            sb.prefix = [compute_prefix(self.model, sb.batch.rows(rows), self.cache_start) for rows in sb.micro_batches]
+            budget = PrefixBudget(self.prefix_budget, self.device)  # beyond it, entries wait in CPU memory
+            sb.prefix = [budget.place(compute_prefix(self.model, sb.batch.rows(rows), self.cache_start))
+                         for rows in sb.micro_batches]
+            sb.prefix_budget = budget
 
     def _policy_hidden(self, sb: StepBatch, j: int) -> tuple[torch.Tensor, Batch]:
         """Final hidden states (B' x C x H) of micro-batch j: from the cached prefix, else a full forward."""
         if sb.prefix is not None:
-            entry = sb.prefix[j]
+            entry = sb.prefix[j] if sb.prefix_budget is None else sb.prefix_budget.fetch(sb.prefix[j])
             checkpoint = self.config.model.gradient_checkpointing
             return hidden_from_prefix(self.model, entry, self.cache_start, checkpoint), entry.batch
         sub = sb.batch.rows(sb.micro_batches[j])

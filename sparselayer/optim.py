@@ -1,0 +1,99 @@
+"""The trained layer's optimizer: AdamW (or bitsandbytes' 8-bit AdamW), over fp32 master weights when
+the model is bf16/fp16.
+
+A bf16 weight keeps 8 bits of mantissa: an update smaller than about 1/256 of the weight rounds back to
+the same value and is lost. With master weights the optimizer steps fp32 copies (its gradients are the
+model's, upcast) and writes them back rounded, so small updates accumulate in the copy until they show.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+from .config import TrainConfig
+from .errors import ConfigError
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+class MasterWeights:
+    """Mixin for a torch optimizer class: it steps fp32 copies of low-precision parameters."""
+
+    def __init__(self, params: Iterable[Any], **kwargs: Any):
+        groups = _as_groups(params)
+        self.model_params = [p for g in groups for p in g["params"]]
+        self.masters = [p.detach().float().clone() for p in self.model_params]
+        lookup = {id(p): m for p, m in zip(self.model_params, self.masters)}
+        super().__init__([{**g, "params": [lookup[id(p)] for p in g["params"]]} for g in groups], **kwargs)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Upcast the model's gradients onto the masters, step them, write the masters back."""
+        for p, m in zip(self.model_params, self.masters):
+            m.grad = None if p.grad is None else p.grad.float()
+        loss = super().step(closure)
+        for p, m in zip(self.model_params, self.masters):
+            p.copy_(m)
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients of the model parameters and of their masters."""
+        super().zero_grad(set_to_none)
+        for p in self.model_params:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer state plus the fp32 masters (a checkpoint's bf16 weights alone would lose them)."""
+        return {**super().state_dict(), "master_weights": [m.detach().clone() for m in self.masters]}
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore state and masters (from the model's current weights when the state has none)."""
+        state_dict = dict(state_dict)
+        saved = state_dict.pop("master_weights", None)
+        if saved is not None and len(saved) != len(self.masters):
+            raise ConfigError(f"optimizer state holds {len(saved)} master weights, the trained layers have "
+                              f"{len(self.masters)}")
+        for i, (p, m) in enumerate(zip(self.model_params, self.masters)):
+            m.copy_(saved[i] if saved is not None else p.float())
+            p.copy_(m)
+        super().load_state_dict(state_dict)
+
+
+class MasterAdamW(MasterWeights, torch.optim.AdamW):
+    """torch AdamW over fp32 master weights."""
+
+
+def build_optimizer(params: Iterable[Any], config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW or 8-bit AdamW (--optim) for the trained parameters (tensors or param-group dicts);
+    fp32 master weights whenever a trained parameter is bf16/fp16."""
+    rl = config.rl
+    groups = _as_groups(params)
+    low = any(p.dtype in LOW_PRECISION for g in groups for p in g["params"])
+    kwargs = {"lr": rl.learning_rate, "weight_decay": rl.weight_decay}
+    if rl.optim == "adamw":
+        return (MasterAdamW if low else torch.optim.AdamW)(groups, **kwargs)
+    if rl.optim == "adamw8bit":
+        base = _adamw8bit_class()
+        cls = type("MasterAdamW8bit", (MasterWeights, base), {}) if low else base
+        return cls(groups, **kwargs)
+    raise ConfigError(f"--optim must be adamw or adamw8bit, got {rl.optim!r}")
+
+
+def _adamw8bit_class() -> type:
+    """bitsandbytes' AdamW8bit (blockwise 8-bit moments; runs on CPU too: tested)."""
+    from .model.quant import import_bitsandbytes
+
+    return import_bitsandbytes().optim.AdamW8bit
+
+
+def _as_groups(params: Iterable[Any]) -> list[dict[str, Any]]:
+    """Parameters or parameter-group dicts as a list of group dicts (each with a list of params)."""
+    items = list(params)
+    if items and isinstance(items[0], dict):
+        return [{**g, "params": list(g["params"])} for g in items]
+    return [{"params": items}]
