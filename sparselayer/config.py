@@ -35,6 +35,7 @@ class ModelConfig:
     quant: str = "auto"  # auto (nf4 on CUDA with bitsandbytes installed, else none) | none | nf4 | int8: frozen layers
     prefix_cache_budget: str | None = None  # e.g. "2GiB": cache beyond it spills to CPU memory (pinned on CUDA)
     kernels: str = "auto"  # auto (triton on CUDA, chunked torch elsewhere) | triton | torch
+    fused_layers: bool = True  # fused RMSNorm/SwiGLU in the trained layer(s) and the frozen layers above them
 
 
 @dataclass

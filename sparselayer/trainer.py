@@ -19,6 +19,7 @@ from .memory import peak_bytes, reset_peak
 from .optim import build_optimizer
 from .model.layout import decoder_layers, freeze_except, layers_label, load_model, parse_layers
 from .kernels import grpo_loss, logprobs
+from .kernels.patch import resolve_kernels, use_fused_kernels
 from .model.logprobs import completion_hidden, head_logprobs
 from .model.cache_budget import PrefixBudget
 from .model.prefix_cache import PrefixEntry, compute_prefix, hidden_from_prefix
@@ -89,6 +90,9 @@ class Trainer:
         self.trained = freeze_except(self.model, self.layers)
         self.quant = resolve_quant(m.quant, self.device, self.layers)  # frozen decoder layers via bitsandbytes
         quantize_frozen(self.model, self.layers, self.quant)
+        self.kernels = resolve_kernels(m.kernels, self.device)  # --kernels: "torch" or "triton" from here on
+        if m.fused_layers:  # fused RMSNorm/SwiGLU where autograd runs (trained layers and above)
+            use_fused_kernels(self.model, self.layers, self.kernels)
         self.prefix_budget = parse_size(m.prefix_cache_budget) if m.prefix_cache_budget is not None else None
         # first trained layer: the prefix below it is cached (None: no cache, e.g. --layers all)
         self.cache_start = min(self.layers) if self.layers is not None and m.prefix_cache else None
@@ -176,7 +180,8 @@ class Trainer:
         targets = sub.input_ids[:, sub.prompt_len:]
         temperature = self.config.rollout.temperature
         if self.fused and not torch.is_grad_enabled():
-            flat = logprobs(h.reshape(-1, h.shape[-1]), self.model.lm_head.weight, targets.reshape(-1), temperature)
+            flat = logprobs(h.reshape(-1, h.shape[-1]), self.model.lm_head.weight, targets.reshape(-1), temperature,
+                            backend=self.kernels)
             return flat.view(targets.shape)
         return head_logprobs(self.model.lm_head, h, targets, temperature)
 
@@ -257,7 +262,7 @@ class Trainer:
             flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
             loss, logp = grpo_loss(h.reshape(-1, H), self.model.lm_head.weight, flat(sub.input_ids[:, sub.prompt_len:]),
                                    flat(old), adv.repeat_interleave(C), flat(weights), rl.epsilon, eps_high, rl.beta,
-                                   flat(ref), None, self.config.rollout.temperature)
+                                   flat(ref), None, self.config.rollout.temperature, backend=self.kernels)
             return loss, logp.view(B, C)
         logp = self._head_logprobs(h, sub)
         tl = per_token_loss(logp, logp.detach() if old is None else old, adv, rl.epsilon, eps_high, rl.beta, ref)
