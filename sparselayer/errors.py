@@ -33,3 +33,7 @@ class DeltaError(SparseLayerError):
 
 class RemoteError(SparseLayerError):
     """A rollout server cannot be reached or refused a request."""
+
+
+class SyncError(SparseLayerError):
+    """After a weight push, the rollout engine's log-probs disagree with the trainer's (--check-sync)."""

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .config import TrainConfig
+from .errors import ConfigError
 from .memory import peak_bytes, reset_peak
 from .optim import build_optimizer
 from .model.layout import decoder_layers, freeze_except, layers_label, load_model, parse_layers
@@ -25,9 +26,10 @@ from .model.cache_budget import PrefixBudget
 from .model.prefix_cache import PrefixEntry, compute_prefix, hidden_from_prefix
 from .model.quant import quantize_frozen, resolve_quant
 from .packing import pack_balanced
-from .rl.grpo import group_advantages, per_token_loss, token_weights
+from .rl.grpo import group_advantages, per_token_loss, tis_weights, token_weights
 from .rollout.base import Batch, RolloutEngine, Rollouts, collate
-from .rollout.hf import HFRolloutEngine
+from .rollout import build_engine
+from .rollout.sync import TOLERANCE, check_sync, sync_sequence
 from .sizes import parse_size
 from .tasks import Example, Task, build_task
 
@@ -100,7 +102,11 @@ class Trainer:
         self.fused = m.fused_loss and not self.model.lm_head.weight.requires_grad
         if m.gradient_checkpointing and self.cache_start is None:  # the plain path: transformers' own
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.engine = engine or HFRolloutEngine(self.model, self.tokenizer)
+        self.engine = engine or build_engine(config, self.model, self.tokenizer)
+        self.sync_ids = sync_sequence(self.tokenizer, self.task) if config.rollout.check_sync else None
+        if self.sync_ids is not None and self.quant != "none":
+            raise ConfigError("--check-sync compares with the trainer's unquantized forward: use --quant none")
+        self.push_bytes = 0  # bytes of the last weight push
         self.max_completion_length = (config.rollout.max_completion_length
                                       or self.task.suggested_max_completion_length)
         rl = config.rl
@@ -136,10 +142,18 @@ class Trainer:
         losses = [self._optimize(sb, it) for it in range(rl.num_iterations)]
         sb.prefix = None  # the batch is done: free its cached activations before the push
         timer.mark("train_s")
-        self.engine.update_weights(self.trained_state().items())
+        self.push_bytes = self.engine.update_weights(self.trained_state().items())
+        self.check_sync()
         timer.mark("push_s")
         self.step_count += 1
         return self._metrics(sb, losses, timer.phases)
+
+    def check_sync(self) -> float | None:
+        """--check-sync: after a push the engine's log-probs of a fixed sequence must match the trainer's."""
+        if self.sync_ids is None or not hasattr(self.engine, "prompt_logprobs"):
+            return None  # the hf engine samples from the trainer's own module
+        tolerance = TOLERANCE[getattr(self.engine, "dtype", torch.float32)]
+        return check_sync(self.engine, self.model, self.sync_ids, tolerance)
 
     def _next_examples(self) -> list[Example]:
         idx = self.sampler.take(self.step_count * self.config.rl.prompts_per_step, self.config.rl.prompts_per_step)
@@ -237,7 +251,8 @@ class Trainer:
             C = h.shape[1]
             old = None if iteration == 0 else sb.old_logp[rows, :C]  # pass 0 is on-policy: old = logp
             ref = sb.ref_logp[rows, :C] if sb.ref_logp is not None else None
-            loss, logp = self._loss(h, sub, old, sb.advantages[rows], sb.weights[rows, :C], ref)
+            old, tis = self._tis(h, sub, old)
+            loss, logp = self._loss(h, sub, old, sb.advantages[rows], sb.weights[rows, :C], ref, tis)
             loss.backward()
             if iteration == 0:
                 sb.old_logp[rows, :C] = logp.detach()
@@ -252,8 +267,20 @@ class Trainer:
         ntok = float(sb.batch.completion_mask.sum().clamp(min=1))
         return {"loss": total["loss"], "kl": total["kl"] / ntok, "clip_ratio": total["clip"] / ntok}
 
+    def _tis(self, h: torch.Tensor, sub: Batch, old: torch.Tensor | None) -> tuple[torch.Tensor | None,
+                                                                                torch.Tensor | None]:
+        """(old log-probs, --tis-cap weights or None); in pass 0 the old log-probs come from `h` first."""
+        cap = self.config.rl.tis_cap
+        if cap is None or sub.sampling_logp is None:
+            return old, None
+        if old is None:
+            with torch.no_grad():
+                old = self._head_logprobs(h.detach(), sub)
+        return old, tis_weights(old, sub.sampling_logp, cap, sub.completion_mask)
+
     def _loss(self, h: torch.Tensor, sub: Batch, old: torch.Tensor | None, adv: torch.Tensor,
-              weights: torch.Tensor, ref: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+              weights: torch.Tensor, ref: torch.Tensor | None,
+              tis: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(weighted GRPO loss of one micro-batch, its log-probs B' x C): fused head + loss, or plain autograd."""
         rl = self.config.rl
         eps_high = rl.epsilon_high if rl.epsilon_high is not None else rl.epsilon
@@ -262,10 +289,10 @@ class Trainer:
             flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
             loss, logp = grpo_loss(h.reshape(-1, H), self.model.lm_head.weight, flat(sub.input_ids[:, sub.prompt_len:]),
                                    flat(old), adv.repeat_interleave(C), flat(weights), rl.epsilon, eps_high, rl.beta,
-                                   flat(ref), None, self.config.rollout.temperature, backend=self.kernels)
+                                   flat(ref), flat(tis), self.config.rollout.temperature, backend=self.kernels)
             return loss, logp.view(B, C)
         logp = self._head_logprobs(h, sub)
-        tl = per_token_loss(logp, logp.detach() if old is None else old, adv, rl.epsilon, eps_high, rl.beta, ref)
+        tl = per_token_loss(logp, logp.detach() if old is None else old, adv, rl.epsilon, eps_high, rl.beta, ref, tis)
         return (tl.loss * weights).sum(), logp
 
     def rollout_batch(self) -> StepBatch:
@@ -295,6 +322,7 @@ class Trainer:
             "learning_rate": self.scheduler.get_last_lr()[0],
             "step_time_s": step_time,
             **{k: phases.get(k, 0.0) for k in ("rollout_s", "reward_s", "logprob_s", "train_s", "push_s")},
+            "push_bytes": self.push_bytes,
             "tokens_per_s": tokens / step_time if step_time > 0 else math.nan,
             "peak_mem_bytes": peak_bytes(self.device),
         }

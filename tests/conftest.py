@@ -8,6 +8,7 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("SPARSELAYER_AUTO_ROLLOUT", "hf")  # --rollout auto: no vLLM engine unless a test asks
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
@@ -37,3 +38,18 @@ def make_tiny_model(folder: Path, num_layers: int = 4, hidden: int = 32, seed: i
 def tiny_model(tmp_path_factory) -> Path:
     """A 4-layer, hidden-32 random Qwen3 with the character tokenizer."""
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(tmp_path_factory):
+    """ONE in-process vLLM engine for the whole session, on a 4-layer hidden-64 Qwen3 (head size 16, padded)."""
+    pytest.importorskip("vllm")
+    from transformers import AutoTokenizer
+
+    from sparselayer.rollout.vllm_engine import VLLMRolloutEngine
+
+    folder = make_tiny_model(tmp_path_factory.mktemp("vllm") / "model", hidden=64)
+    tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
+    engine = VLLMRolloutEngine(folder, tokenizer, torch.float32, "cpu", max_model_len=64)
+    yield engine
+    engine.close()

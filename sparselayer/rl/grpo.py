@@ -57,13 +57,15 @@ class TokenLoss:
 
 def per_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                    epsilon: float, epsilon_high: float, beta: float = 0.0,
-                   ref_logp: torch.Tensor | None = None) -> TokenLoss:
-    """Clipped surrogate -min(rA, clip(r, 1-eps, 1+eps_high)A) plus beta * k3 KL to the reference."""
+                   ref_logp: torch.Tensor | None = None, tis: torch.Tensor | None = None) -> TokenLoss:
+    """Clipped surrogate -min(rA, clip(r, 1-eps, 1+eps_high)A) [x TIS weight] plus beta * k3 KL to the reference."""
     ratio = torch.exp(logp - old_logp)
     adv = advantages.unsqueeze(1)
     clipped_ratio = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
     loss = -torch.min(ratio * adv, clipped_ratio * adv)
     clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
+    if tis is not None:
+        loss = loss * tis
     kl = torch.zeros_like(logp)
     if beta > 0:
         if ref_logp is None:
@@ -72,3 +74,14 @@ def per_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch
         kl = torch.exp(delta) - delta - 1
         loss = loss + beta * kl
     return TokenLoss(loss=loss, kl=kl, clipped=clipped)
+
+
+def tis_weights(old_logp: torch.Tensor, sampling_logp: torch.Tensor, cap: float,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Truncated importance-sampling weights min(exp(old_logp - sampling_logp), cap) per token, detached.
+
+    They correct for the sampler (vLLM) and the trainer computing slightly different probabilities
+    for the same policy; padding positions (mask 0) get weight 1.
+    """
+    weights = torch.exp(old_logp.detach().float() - sampling_logp.detach().float()).clamp(max=cap)
+    return weights if mask is None else torch.where(mask.bool(), weights, torch.ones_like(weights))

@@ -1,0 +1,45 @@
+"""Rollout engines: transformers' generate on the live model (hf), or an in-process vLLM (vllm).
+
+`build_engine` picks one from `--rollout`: auto means vLLM when it is importable and can serve the
+model, else hf (or what the environment variable SPARSELAYER_AUTO_ROLLOUT names). vLLM itself is
+imported only when its engine is built.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+from ..config import TrainConfig
+from ..errors import ConfigError
+from .base import RolloutEngine
+from .hf import HFRolloutEngine
+
+
+def build_engine(config: TrainConfig, model: torch.nn.Module, tokenizer) -> RolloutEngine:
+    """The rollout engine `config.rollout.rollout` asks for, colocated with the trainer's `model`."""
+    from ..model.layout import check_model_dir, resolve_dtype
+    from .vllm_engine import VLLMRolloutEngine, vllm_importable
+    from .vllm_layout import plan_padding
+
+    ro, choice = config.rollout, config.rollout.rollout
+    device = next(model.parameters()).device
+    folder = check_model_dir(config.model.model)
+    if choice == "auto":  # SPARSELAYER_AUTO_ROLLOUT=hf (set by the test suite) skips vLLM
+        choice = os.environ.get("SPARSELAYER_AUTO_ROLLOUT", "auto")
+    if choice == "auto":
+        problem = None if vllm_importable() else "vllm is not installed"
+        problem = problem or plan_padding(json.loads((folder / "config.json").read_text()), device.type)[1]
+        if problem:
+            print(f"sparselayer: rollouts with transformers generate ({problem})", file=sys.stderr)
+        choice = "hf" if problem else "vllm"
+    if choice == "hf":
+        return HFRolloutEngine(model, tokenizer)
+    if not vllm_importable():
+        raise ConfigError("--rollout vllm needs the vllm package (pip install -e '.[cpu]' or '.[gpu]'), "
+                          "or use --rollout hf")
+    return VLLMRolloutEngine(folder, tokenizer, resolve_dtype(config.model.dtype, device), device.type,
+                             ro.max_model_len, ro.gpu_memory_utilization, ro.enforce_eager, ro.sleep_mode,
+                             config.run.seed)

@@ -42,6 +42,7 @@ class Batch:
     attention_mask: torch.Tensor  # B x (P + C)
     completion_mask: torch.Tensor  # B x C, 1 on completion tokens (EOS included)
     prompt_len: int  # P
+    sampling_logp: torch.Tensor | None = None  # B x C, the rollout engine's log-probs of the sampled tokens
 
     def rows(self, rows: list[int]) -> "Batch":
         """The sub-batch `rows`, trimmed to its own longest prompt and completion (less padding)."""
@@ -51,7 +52,8 @@ class Batch:
         p_len = int(mask[:, :P].sum(dim=1).max())
         c_len = max(int(self.completion_mask[idx].sum(dim=1).max()), 1)
         cols = slice(P - p_len, P + c_len)
-        return Batch(self.input_ids[idx, cols], mask[:, cols], self.completion_mask[idx, :c_len], p_len)
+        sampling = None if self.sampling_logp is None else self.sampling_logp[idx, :c_len]
+        return Batch(self.input_ids[idx, cols], mask[:, cols], self.completion_mask[idx, :c_len], p_len, sampling)
 
     def lengths(self) -> list[int]:
         """Real (unpadded) tokens per row, for balancing micro-batches."""
@@ -69,4 +71,15 @@ def collate(rollouts: Rollouts, pad_id: int, device: torch.device | str = "cpu")
         input_ids[i, P - len(p) : P] = torch.tensor(p, dtype=torch.long)
         input_ids[i, P : P + len(c)] = torch.tensor(c, dtype=torch.long)
         attention[i, P - len(p) : P + len(c)] = 1
-    return Batch(input_ids.to(device), attention.to(device), attention[:, P:].to(device), P)
+    return Batch(input_ids.to(device), attention.to(device), attention[:, P:].to(device), P,
+                 _pad_logprobs(rollouts.sampling_logprobs, C, device))
+
+
+def _pad_logprobs(rows: list[list[float]] | None, width: int, device: torch.device | str) -> torch.Tensor | None:
+    """Per-token sampling log-probs as a right-padded B x C tensor (None when the engine gave none)."""
+    if rows is None:
+        return None
+    out = torch.zeros((len(rows), width), dtype=torch.float32)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out.to(device)

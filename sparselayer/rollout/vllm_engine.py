@@ -1,0 +1,156 @@
+"""Rollouts from an in-process (colocated) vLLM engine, kept in sync by layer-delta weight pushes.
+
+vLLM is imported only when this engine is built, so `import sparselayer` works without it.
+The engine runs in the trainer's dtype (float32 on CPU, where vLLM's CPU backend supports it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+from ..errors import ConfigError
+from .base import RolloutEngine, Rollouts
+from .changes import ChangeTracker
+from .hf import cut_at_eos
+from .vllm_layout import HeadPadding, head_dim_of, plan_padding, write_padded_model
+from .vllm_push import load_scoped, owning_modules
+
+CPU_KV_TOKENS = 32768  # KV-cache size on CPU, in tokens (vLLM's memory fraction means host RAM there)
+
+
+def vllm_importable() -> bool:
+    """Whether the vllm package can be imported here."""
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def nbytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of these tensors (a push is counted in checkpoint form, before any head padding)."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class VLLMRolloutEngine(RolloutEngine):
+    """A colocated `vllm.LLM` on the trainer's model folder; `update_weights` pushes only what changed."""
+
+    def __init__(self, model_dir: str | Path, tokenizer, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                 max_model_len: int | None = None, gpu_memory_utilization: float = 0.3, enforce_eager: bool = True,
+                 sleep_mode: bool = False, seed: int = 0):
+        self.folder, self.tokenizer, self.dtype, self.device = Path(model_dir), tokenizer, dtype, device
+        config = json.loads((self.folder / "config.json").read_text())
+        self.padding, problem = plan_padding(config, device)
+        if problem:
+            raise ConfigError(f"{problem}: use --rollout hf")
+        self.serve_dir = write_padded_model(self.folder, self.padding) if self.padding else self.folder
+        self.sleep_mode = sleep_mode and device != "cpu"  # vLLM's sleep mode needs a GPU
+        self.tracker = ChangeTracker(dtype)
+        self.last_push: dict[str, float] = {}
+        self.llm = self._start(config, max_model_len, gpu_memory_utilization, enforce_eager, seed)
+
+    def _start(self, config: dict, max_model_len: int | None, memory: float, enforce_eager: bool, seed: int):
+        """Build the in-process LLM, keeping the trainer's torch thread settings (vLLM lowers them)."""
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        from vllm import LLM
+
+        max_len = max_model_len or int(config.get("max_position_embeddings") or 4096)
+        kwargs = dict(model=str(self.serve_dir), dtype=str(self.dtype).removeprefix("torch."), seed=seed,
+                      max_model_len=max_len, enforce_eager=enforce_eager, logprobs_mode="processed_logprobs",
+                      enable_sleep_mode=self.sleep_mode)
+        if self.device == "cpu":
+            kwargs["kv_cache_memory_bytes"] = max(CPU_KV_TOKENS, max_len) * self._kv_bytes_per_token(config)
+        else:
+            kwargs["gpu_memory_utilization"] = memory
+        set_threads, threads = torch.set_num_threads, torch.get_num_threads()
+        try:
+            return LLM(**kwargs)
+        finally:
+            torch.set_num_threads = set_threads  # vLLM's CPU worker replaces it with a no-op
+            torch.set_num_threads(threads)
+
+    def _kv_bytes_per_token(self, config: dict) -> int:
+        head = self.padding.padded if self.padding else head_dim_of(config)
+        kv_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
+        return 2 * config["num_hidden_layers"] * kv_heads * head * torch.finfo(self.dtype).bits // 8
+
+    def generate(self, prompts: Sequence[str], num_generations: int, max_new_tokens: int,
+                 temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, greedy: bool = False) -> Rollouts:
+        from vllm import SamplingParams
+
+        ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        n = 1 if greedy else num_generations  # vLLM samples greedily once; the copies are identical
+        params = [SamplingParams(n=n, max_tokens=max_new_tokens, seed=seed * 100_003 + i,
+                                 temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
+                                 logprobs=0, detokenize=False) for i in range(len(ids))]
+        self._wake()
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)
+        self._sleep()
+        rows, completions, logps = [], [], []
+        for prompt, out in zip(ids, outputs):
+            for sample in sorted(out.outputs, key=lambda s: s.index) * (num_generations // n):
+                tokens = cut_at_eos(list(sample.token_ids), self.tokenizer.eos_token_id)
+                rows.append(prompt)
+                completions.append(tokens)
+                logps.append([step[t].logprob for step, t in zip(sample.logprobs, tokens)])
+        return Rollouts(prompt_ids=rows, completion_ids=completions, sampling_logprobs=logps)
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Push the tensors that changed since the last push into vLLM's model; return their bytes."""
+        t0 = time.perf_counter()
+        changed = self.tracker.changed(named_tensors)
+        if not changed:
+            self.last_push = {"bytes": 0, "tensors": 0, "seconds": time.perf_counter() - t0}
+            return 0
+        weights = [(n, self._serve_form(n, t)) for n, t in changed.items()]
+        self._wake()
+        self.llm.collective_rpc(load_scoped, args=(weights, owning_modules(changed)))
+        self.llm.reset_prefix_cache()
+        self._sleep()
+        self.tracker.mark_pushed(changed)
+        pushed = nbytes(changed.values())
+        self.last_push = {"bytes": pushed, "tensors": len(weights), "seconds": time.perf_counter() - t0}
+        return pushed
+
+    def reload_all(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """vLLM's stock in-place reload, which walks the whole model (the baseline a layer push is measured against)."""
+        tensors = {n: t.detach().to(dtype=self.dtype) for n, t in named_tensors}
+        weights = [(n, self._serve_form(n, t)) for n, t in tensors.items()]
+        self._wake()
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()
+        self._sleep()
+        self.tracker.pushed.clear()  # the next layer push sends its tensors again
+        return nbytes(tensors.values())
+
+    def _serve_form(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        return self.padding.apply(name, tensor) if self.padding else tensor
+
+    def prompt_logprobs(self, token_ids: list[int]) -> list[float]:
+        """vLLM's log-probs of tokens 1..n-1 of `token_ids` given their prefixes (for the sync check)."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0, detokenize=False)
+        self._wake()
+        out = self.llm.generate([{"prompt_token_ids": list(token_ids)}], params, use_tqdm=False)[0]
+        self._sleep()
+        return [step[t].logprob for step, t in zip(out.prompt_logprobs[1:], token_ids[1:])]
+
+    def _wake(self) -> None:
+        if self.sleep_mode:
+            self.llm.wake_up()
+
+    def _sleep(self) -> None:
+        if self.sleep_mode:
+            self.llm.sleep(level=1)
+
+    def close(self) -> None:
+        """Free the engine and any padded model copy."""
+        self.llm = None
+        if self.serve_dir != self.folder:
+            shutil.rmtree(self.serve_dir, ignore_errors=True)
