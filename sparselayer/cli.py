@@ -55,6 +55,21 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                         help="sweep.csv whose C(k) ranking resolves --layers/--boost-layers top:k")
 
 
+def _add_serve_parser(sub) -> None:
+    """`serve`: vLLM's OpenAI-compatible server plus the layer-delta endpoint (sparselayer.serve.serve)."""
+    sv = sub.add_parser("serve", help="vLLM OpenAI-compatible server that also takes layer deltas (remote mode)")
+    sv.add_argument("--model", required=True, help="local Hugging Face model folder to serve")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-model-len", type=int, default=None, help="vLLM: maximum sequence length")
+    sv.add_argument("--dtype", default="auto", help="vLLM: weight dtype (auto, bfloat16, float16, float32)")
+    sv.add_argument("--gpu-memory-utilization", type=float, default=None,
+                    help="vLLM: fraction of GPU memory (of RAM on CPU) for weights and KV cache")
+    sv.add_argument("--kv-cache-memory-bytes", type=int, default=None,
+                    help="vLLM: KV cache size (default on CPU without --gpu-memory-utilization: 1 GiB)")
+    sv.add_argument("--enforce-eager", action="store_true", help="vLLM: no graph capture or compilation")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparselayer", description="GRPO post-training of a single transformer layer.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp = sw_sub.add_parser("compare", help="Spearman rank correlation of two sweeps' C(k)")
     cmp.add_argument("csv_a", type=Path)
     cmp.add_argument("csv_b", type=Path)
+    _add_serve_parser(sub)
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     step = bench.add_parser("step", help="full-parameter GRPO step vs the layer-sparse step, same model and batch")
     step.add_argument("--preset", choices=sorted(PRESETS), default="default",
@@ -204,10 +220,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    serve(args.model, host=args.host, port=args.port, max_model_len=args.max_model_len, dtype=args.dtype,
+          gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+          kv_cache_memory_bytes=args.kv_cache_memory_bytes)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
-    handler = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "bench": cmd_bench,
+    handler = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "bench": cmd_bench, "serve": cmd_serve,
                "sweep": cmd_sweep}[args.command]
     try:
         return handler(args)

@@ -22,10 +22,7 @@ from fastapi.responses import JSONResponse
 from safetensors.torch import save_file
 
 from .errors import DeltaError, ModelError
-from .rollout.delta import Delta, checkpoint_shapes, decode_delta, load_checkpoint_tensors
-
-DELTA_ROUTE = "/sparselayer/delta"
-HEALTH_ROUTE = "/sparselayer/health"
+from .rollout.delta import DELTA_ROUTE, HEALTH_ROUTE, Delta, checkpoint_shapes, decode_delta, load_checkpoint_tensors
 CPU_KV_CACHE_BYTES = 1 << 30  # KV cache on a CPU host when no memory option is given
 
 

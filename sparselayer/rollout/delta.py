@@ -35,6 +35,8 @@ HAVE_EXTENSION: bool = _C is not None and hasattr(_C, "delta_encode")
 FORMAT = "sparselayer-delta/1"
 META_KEY = "sparselayer"
 WIDE_LIMIT = 2**31 - 1  # above this many elements indices are int64
+DELTA_ROUTE = "/sparselayer/delta"  # where `sparselayer serve` takes payloads
+HEALTH_ROUTE = "/sparselayer/health"  # its model, weights version and served model name
 
 __all__ = ["FORMAT", "HAVE_EXTENSION", "Delta", "encode_delta", "decode_delta", "sparse_diff", "sparse_apply",
            "to_bf16", "checkpoint_shapes", "load_checkpoint_tensors"]
