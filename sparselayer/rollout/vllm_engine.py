@@ -6,6 +6,7 @@ The engine runs in the trainer's dtype (float32 on CPU, where vLLM's CPU backend
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -59,6 +60,8 @@ class VLLMRolloutEngine(RolloutEngine):
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
 
+        # the in-place reloader warns about rotary tables, which hold no checkpoint weights
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
         max_len = max_model_len or int(config.get("max_position_embeddings") or 4096)
         kwargs = dict(model=str(self.serve_dir), dtype=str(self.dtype).removeprefix("torch."), seed=seed,
                       max_model_len=max_len, enforce_eager=enforce_eager, logprobs_mode="processed_logprobs",
