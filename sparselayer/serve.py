@@ -115,7 +115,8 @@ def vllm_args(model: str | Path, host: str = "127.0.0.1", port: int = 8000, max_
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    argv = ["--model", str(model), "--host", host, "--port", str(port), "--dtype", dtype]
+    argv = ["--model", str(model), "--host", host, "--port", str(port), "--dtype", dtype,
+            "--logprobs-mode", "processed_logprobs"]  # sampling log-probs after temperature/top-p, as sampled
     if max_model_len is not None:
         argv += ["--max-model-len", str(max_model_len)]
     if gpu_memory_utilization is not None:

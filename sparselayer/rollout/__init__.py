@@ -27,6 +27,9 @@ def build_engine(config: TrainConfig, model: torch.nn.Module, tokenizer) -> Roll
     ro, choice = config.rollout, config.rollout.rollout
     device = next(model.parameters()).device
     folder = check_model_dir(config.model.model)
+    if ro.rollout_url:  # `sparselayer serve` elsewhere: rollouts over HTTP, layer deltas pushed to it
+        from .remote import RemoteRolloutEngine
+        return RemoteRolloutEngine(ro.rollout_url, tokenizer, base_model=folder)
     if choice == "auto":  # SPARSELAYER_AUTO_ROLLOUT=hf (set by the test suite) skips vLLM
         choice = os.environ.get("SPARSELAYER_AUTO_ROLLOUT", "auto")
     if choice == "auto":

@@ -25,6 +25,8 @@ class RemoteRolloutEngine(RolloutEngine):
     the first push of each tensor is dense.
     """
 
+    dtype = torch.bfloat16  # pushes travel in bf16 (the sync check's tolerance)
+
     def __init__(self, url: str, tokenizer, base_model: str | Path | None = None, timeout: float = 600.0):
         self.url, self.tokenizer, self.base_model = url.rstrip("/"), tokenizer, base_model
         self.client = httpx.Client(base_url=self.url, timeout=timeout)
@@ -73,6 +75,15 @@ class RemoteRolloutEngine(RolloutEngine):
             raise RemoteError(f"rollout server returned {len(choices)} completions, expected {len(rows)}")
         return Rollouts(prompt_ids=rows, completion_ids=[list(c["token_ids"]) for c in choices],
                         sampling_logprobs=[list(c["logprobs"]["token_logprobs"]) for c in choices])
+
+    def prompt_logprobs(self, token_ids: list[int]) -> list[float]:
+        """The server's log-probs of tokens 1..n-1 of `token_ids` given their prefixes (for --check-sync)."""
+        if self._model_name is None:
+            self.health()
+        body = {"model": self._model_name, "prompt": [list(token_ids)], "max_tokens": 1, "temperature": 1.0,
+                "prompt_logprobs": 0}
+        steps = self._request("POST", "/v1/completions", json=body)["choices"][0]["prompt_logprobs"]
+        return [step[str(t)]["logprob"] for step, t in zip(steps[1:], token_ids[1:])]
 
     def _base(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         """What the server holds under `names`, as far as this client knows (empty: push dense)."""
