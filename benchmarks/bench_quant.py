@@ -1,6 +1,7 @@
 """Quantized frozen layers on this machine: completion log-prob drift and forward time against the dense model.
 
-Usage: python benchmarks/bench_quant.py [--model DIR | --random-model] [--layer 16] [--repeats 5] [--output FILE]
+Usage: python benchmarks/bench_quant.py [--model DIR | --random-model] [--layer 16] [--dtype float32|bfloat16]
+                                       [--prompts 16] [--generations 8] [--repeats 5] [--output FILE]
 
 Log-prob drift: completions sampled from the dense model on the model's task (the embedded default
 model and arithmetic when --model is not given), scored by the dense model and by the model whose
@@ -29,7 +30,7 @@ from sparselayer.trainer import Trainer
 def trainer_for(args: argparse.Namespace, quant: str) -> Trainer:
     """A trainer (model, task, sampler) with the frozen layers quantized as asked."""
     values = {"layers": str(args.layer), "quant": quant, "prefix_cache": False, "seed": 0,
-              "prompts_per_step": args.prompts, "num_generations": args.generations, "dtype": "float32"}
+              "prompts_per_step": args.prompts, "num_generations": args.generations, "dtype": args.dtype}
     if args.model:
         values["model"] = args.model
     return Trainer(TrainConfig.from_mapping(values))
@@ -43,6 +44,7 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--generations", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", default="float32", help="float32 or bfloat16 (dense model and nf4/int8 alike)")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="sparselayer-quant-") as tmp:
@@ -60,7 +62,7 @@ def main(argv: list[str]) -> dict:
     mask = sb.batch.completion_mask.bool()
     dense_s = statistics.median(times["none"])
     result = {"model": "random (step benchmark shape)" if args.random_model else args.model or "embedded default",
-              "layer": args.layer, "rows": int(mask.shape[0]), "completion_tokens": int(mask.sum()),
+              "layer": args.layer, "dtype": args.dtype, "rows": int(mask.shape[0]), "completion_tokens": int(mask.sum()),
               "threads": torch.get_num_threads(), "dense_forward_s": dense_s, "modes": {}}
     for mode in ("nf4", "int8"):
         diff = (logps[mode] - logps["none"]).abs()[mask]

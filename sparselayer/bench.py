@@ -209,7 +209,7 @@ def run_variant(cfg: StepBenchConfig, model: Path, variant: str) -> dict[str, An
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     return {"variant": variant, "layers": layers, "step_time_s": step_time, "tokens_per_s": tokens / step_time,
             "peak_mem_bytes": peak_bytes(trainer.device), "trainable_params": trainable, **per_step,
-            "device": str(trainer.device)}
+            "device": str(trainer.device), "quant": trainer.quant}
 
 
 def bench_step(cfg: StepBenchConfig, output: Path | None = None) -> dict[str, Any]:

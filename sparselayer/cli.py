@@ -30,6 +30,9 @@ HELP = {
     "loss_type": "grpo | dr_grpo | dapo | bnpo",
     "beta": "KL coefficient (k3 estimator); 0 skips the reference pass entirely",
     "micro_batch_size": "sequences per forward/backward; micro-batches balanced by token count",
+    "quant": "frozen decoder layers: nf4 | int8 (bitsandbytes) | none; auto: nf4 on CUDA, none on CPU",
+    "optim": "adamw | adamw8bit (bitsandbytes); fp32 master weights when the model is bf16/fp16",
+    "prefix_cache_budget": "device bytes for the frozen-prefix cache (512MiB, 2GiB, 1e9); the rest waits in CPU memory",
     "max_completion_length": "default: the task's suggestion (8 for arithmetic, 256 for datasets)",
     "output_dir": "run directory (default runs/layers-<L>-<time>)",
 }

@@ -35,7 +35,10 @@ def test_cached_logprobs_equal_plain_forward(tiny_model, start):
 
 
 def test_cached_step_gives_same_loss_and_gradient(tiny_model):
-    trainer = _trainer(tiny_model)
+    """Issue 3's acceptance check: --quant none, float32, relative 1e-5 (the fused-head variants and the
+    full-parameter autograd reference are in test_gradients.py)."""
+    trainer = _trainer(tiny_model, quant="none")
+    assert trainer.quant == "none" and trainer.model.dtype == torch.float32
     sb = trainer.rollout_batch()
     sb.ref_logp = trainer._logprobs_no_grad(sb)  # beta > 0: reference pass (uncached)
     plain_stats = trainer.accumulate_gradients(sb)

@@ -150,3 +150,14 @@ def test_missing_bitsandbytes_is_one_clear_error(tiny_model, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
     with pytest.raises(ConfigError, match="pip install bitsandbytes"):
         quantize_frozen(model, [1], "nf4")
+
+
+def test_step_benchmark_quantizes_the_sparse_variant_only(tmp_path):
+    from sparselayer.bench import PRESETS, StepBenchConfig, _train_config, bench_step
+
+    cfg = StepBenchConfig(quant="int8")
+    assert _train_config(cfg, tmp_path, "all").model.quant == "none"
+    assert _train_config(cfg, tmp_path, "12").model.quant == "int8"
+    assert StepBenchConfig(**PRESETS["qwen3-8b"]).quant == "nf4"
+    with pytest.raises(ConfigError, match="--quant"):
+        bench_step(StepBenchConfig(quant="fp8"))

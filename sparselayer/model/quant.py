@@ -20,6 +20,8 @@ MODES = ("none", "nf4", "int8")
 
 def import_bitsandbytes():
     """bitsandbytes, imported only when a quantized mode is asked for; one clear line when it is missing."""
+    # its CPU backend logs a missing optional kernel of the AVX512-BF16 nf4 path, which quantized_linear turns off
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         import bitsandbytes
     except ImportError as exc:
