@@ -34,6 +34,13 @@ HELP = {
     "optim": "adamw | adamw8bit (bitsandbytes); fp32 master weights when the model is bf16/fp16",
     "prefix_cache_budget": "device bytes for the frozen-prefix cache (512MiB, 2GiB, 1e9); the rest waits in CPU memory",
     "max_completion_length": "default: the task's suggestion (8 for arithmetic, 256 for datasets)",
+    "rollout": "auto (vLLM in-process when importable and it can serve the model, else hf) | vllm | hf",
+    "check_sync": "after each weight push, check vLLM's log-probs of a fixed sequence against the trainer's",
+    "tis_cap": "truncated importance sampling: weight tokens by min(trainer/sampler probability ratio, cap)",
+    "gpu_memory_utilization": "vLLM on GPU: share of GPU memory for weights and KV cache (CPU: 32k-token KV cache)",
+    "max_model_len": "vLLM: longest prompt + completion (default: the model's max_position_embeddings)",
+    "enforce_eager": "vLLM: no CUDA graphs (faster start); --no-enforce-eager captures them on GPU",
+    "sleep_mode": "vLLM on GPU: release its memory to the trainer between rollouts (ignored on CPU)",
     "output_dir": "run directory (default runs/layers-<L>-<time>)",
 }
 EMBEDDED_RECIPE = Path(__file__).resolve().parent / "data" / "default_model" / "sparselayer.yaml"
