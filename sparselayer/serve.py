@@ -83,6 +83,7 @@ async def apply_delta(engine, state: DeltaState, payload: bytes) -> dict:
         version = state.version
     return {"version": version, "tensors": sorted(delta.tensors), "bytes": len(payload),
             "elements": sum(t.numel() for t in delta.tensors.values()),
+            "sparse": sorted(k for k, v in delta.encodings.items() if v == "sparse"),
             "seconds": time.perf_counter() - start}
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import zlib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +139,7 @@ class Delta:
 
     base_version: int
     tensors: dict[str, torch.Tensor]
+    encodings: dict[str, str] = field(default_factory=dict)  # name -> "dense" | "sparse"
 
 
 def _read_payload(payload: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -166,13 +167,13 @@ def decode_delta(payload: bytes, shapes: Mapping[str, tuple[int, ...]],
         raise DeltaError("delta payload metadata lacks an integer base_version")
     if version is not None and base_version != version:
         raise DeltaError(f"delta built on weights version {base_version}, but the server is at version {version}")
-    out: dict[str, torch.Tensor] = {}
+    delta = Delta(base_version, {})
     for i, entry in enumerate(meta["tensors"]):
         name, t = _decode_entry(str(i), entry, raw, shapes, base_of, backend)
-        if name in out:
+        if name in delta.tensors:
             raise DeltaError(f"delta names tensor {name} twice")
-        out[name] = t
-    return Delta(base_version, out)
+        delta.tensors[name], delta.encodings[name] = t, entry["encoding"]
+    return delta
 
 
 def _decode_entry(key: str, entry: dict, raw: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]],
