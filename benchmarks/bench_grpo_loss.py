@@ -13,8 +13,11 @@ cannot hide another's memory. Peak EXTRA memory is measured after the inputs exi
   CUDA alloc_extra torch.cuda.max_memory_allocated() minus memory_allocated() before the run.
 Time: median wall time of --reps warm forward + backward runs.
 
-    python benchmarks/bench_grpo_loss.py                        # CPU default: 1k, 8k tokens x 32k vocab
-    python benchmarks/bench_grpo_loss.py --tokens 1024 8192 32768 --vocab 32768 151936 --device cuda
+    python benchmarks/bench_grpo_loss.py          # tokens {1k, 8k, 32k} x vocab {32k, 152k}, where memory allows
+    python benchmarks/bench_grpo_loss.py --tokens 1024 8192 --vocab 32768   # the quick CPU subset
+
+A naive point whose ~4 fp32 tokens x vocab tensors would not fit in --memory-limit-gb (default: 80% of
+the memory free now) is skipped, and the reason is printed and kept in the JSON.
 """
 from __future__ import annotations
 
@@ -164,9 +167,14 @@ def measure(method: str, tokens: int, vocab: int, hidden: int, dtype: str, devic
 # ---------------------------------------------------------------------------------------------- driver
 
 
+def naive_bytes(tokens: int, vocab: int) -> int:
+    """What the naive path needs at its peak: ~4 fp32 tokens x vocab tensors (logits, softmax, grads)."""
+    return 4 * tokens * vocab * 4
+
+
 def naive_fits(tokens: int, vocab: int, device: str, limit_bytes: float) -> bool:
     """Whether the naive path's ~4 fp32 tokens x vocab tensors fit under the memory limit."""
-    return 4 * tokens * vocab * 4 <= limit_bytes
+    return naive_bytes(tokens, vocab) <= limit_bytes
 
 
 def available_bytes(device: str) -> float:
@@ -222,8 +230,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags; token and vocab defaults depend on the device."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--tokens", type=int, nargs="+", help="default: 1024 8192 on CPU, 1024 8192 32768 on CUDA")
-    p.add_argument("--vocab", type=int, nargs="+", help="default: 32768 on CPU, 32768 151936 on CUDA")
+    p.add_argument("--tokens", type=int, nargs="+", default=[1024, 8192, 32768])
+    p.add_argument("--vocab", type=int, nargs="+", default=[32768, 151936])
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
     p.add_argument("--methods", nargs="+", default=["naive", "fused"], choices=["naive", "fused"])
@@ -246,8 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     cuda = device == "cuda"
-    tokens = args.tokens or ([1024, 8192, 32768] if cuda else [1024, 8192])
-    vocabs = args.vocab or ([32768, 151936] if cuda else [32768])
+    tokens, vocabs = args.tokens, args.vocab
     dtype = args.dtype or ("bfloat16" if cuda else "float32")
     limit = args.memory_limit_gb * 2**30 if args.memory_limit_gb else 0.8 * available_bytes(device)
     rows = []
@@ -258,7 +265,10 @@ def main(argv: list[str] | None = None) -> int:
                              reps=args.reps, beta=args.beta, chunk_tokens=args.chunk_tokens,
                              chunk_vocab=args.chunk_vocab)
                 if method == "naive" and not naive_fits(n, v, device, limit):
-                    rows.append(dict(point, error="skipped: over memory limit"))
+                    reason = (f"skipped: needs ~{naive_bytes(n, v) / 2**30:.0f} GiB, "
+                              f"limit {limit / 2**30:.0f} GiB")
+                    print(f"naive {n} x {v}: {reason}", flush=True)
+                    rows.append(dict(point, error=reason))
                     continue
                 rows.append(run_child(point))
                 print(json.dumps(rows[-1]), file=sys.stderr)

@@ -25,8 +25,10 @@ import torch.nn.functional as F
 from .grpo_loss import resolve_backend
 from .norm_mlp_reference import norm_dtype
 
-# Elementwise work is done in row chunks of about this many elements, bounding the float32 transients.
-CHUNK_ELEMENTS = 1 << 22
+# Row chunks of about this many elements (rows x width) bound the transients of the elementwise work and
+# of the frozen MLP's recomputation: small on CPU (memory is what matters there), larger on CUDA.
+CHUNK_ELEMENTS = 1 << 20
+CUDA_CHUNK_ELEMENTS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -44,9 +46,10 @@ class NormMLPKernels:
     swiglu_backward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def row_chunks(rows: int, width: int, elements: int | None = None) -> list[slice]:
-    """Slices of about `elements` (default CHUNK_ELEMENTS) elements each over `rows` rows of `width` columns."""
-    step = max(1, (elements or CHUNK_ELEMENTS) // max(1, width))
+def row_chunks(rows: int, width: int, device: torch.device) -> list[slice]:
+    """Slices of about CHUNK_ELEMENTS (CUDA_CHUNK_ELEMENTS on CUDA) elements over `rows` rows of `width` columns."""
+    elements = CUDA_CHUNK_ELEMENTS if device.type == "cuda" else CHUNK_ELEMENTS
+    step = max(1, elements // max(1, width))
     return [slice(r, r + step) for r in range(0, rows, step)]
 
 
@@ -59,7 +62,7 @@ def torch_rms_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tupl
     acc = norm_dtype(x)
     y = torch.empty(x.shape, dtype=torch.result_type(weight, x), device=x.device)
     rstd = torch.empty(x.shape[0], dtype=acc, device=x.device)
-    for r in row_chunks(*x.shape):
+    for r in row_chunks(*x.shape, x.device):
         h = x[r].to(acc)
         inv = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
         rstd[r] = inv.squeeze(1)
@@ -74,7 +77,7 @@ def torch_rms_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     dx = torch.empty_like(x)
     dw = torch.zeros(x.shape[1], dtype=acc, device=x.device) if need_dw else None
     w = weight.to(acc)
-    for r in row_chunks(*x.shape):
+    for r in row_chunks(*x.shape, x.device):
         inv = rstd[r].to(acc).unsqueeze(1)
         xhat = x[r].to(acc) * inv
         g = dy[r].to(acc)
@@ -89,7 +92,7 @@ def torch_swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up in float32 (float64 for float64), one rounding to the input dtype."""
     acc = norm_dtype(gate)
     out = torch.empty_like(gate)
-    for r in row_chunks(*gate.shape):
+    for r in row_chunks(*gate.shape, gate.device):
         out[r] = F.silu(gate[r].to(acc)) * up[r].to(acc)
     return out
 
@@ -99,7 +102,7 @@ def torch_swiglu_backward(grad: torch.Tensor, gate: torch.Tensor,
     """d gate = grad * up * s'(gate), d up = grad * silu(gate), with silu recomputed from gate."""
     acc = norm_dtype(gate)
     dgate, dup = torch.empty_like(gate), torch.empty_like(up)
-    for r in row_chunks(*gate.shape):
+    for r in row_chunks(*gate.shape, gate.device):
         g, d = gate[r].to(acc), grad[r].to(acc)
         sig = torch.sigmoid(g)
         dup[r] = d * g * sig
@@ -178,7 +181,7 @@ class FrozenMLPFunction(torch.autograd.Function):
                 bu: torch.Tensor | None, bd: torch.Tensor | None, kernels: NormMLPKernels) -> torch.Tensor:
         x2 = _rows(x)
         out = torch.empty(x2.shape[0], wd.shape[0], dtype=x.dtype, device=x.device)
-        for r in row_chunks(x2.shape[0], wg.shape[0]):
+        for r in row_chunks(x2.shape[0], wg.shape[0], x2.device):
             gate, up = _gate_up(x2[r], wg, wu, bg, bu)
             out[r] = F.linear(kernels.swiglu_forward(gate, up), wd, bd)
         ctx.save_for_backward(x2, wg, wu, wd, bg, bu)
@@ -190,7 +193,7 @@ class FrozenMLPFunction(torch.autograd.Function):
         x2, wg, wu, wd, bg, bu = ctx.saved_tensors
         g2 = _rows(grad)
         dx = torch.empty_like(x2)
-        for r in row_chunks(x2.shape[0], wg.shape[0]):
+        for r in row_chunks(x2.shape[0], wg.shape[0], x2.device):
             gate, up = _gate_up(x2[r], wg, wu, bg, bu)
             dgate, dup = ctx.kernels.swiglu_backward(torch.mm(g2[r], wd.to(g2.dtype)), gate, up)
             del gate, up
