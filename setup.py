@@ -10,7 +10,7 @@ ext_modules = [
         "sparselayer._C",
         ["csrc/packing.cpp", "csrc/delta.cpp"],
         cxx_std=17,
-        extra_compile_args=["/O2"] if sys.platform == "win32" else ["-O2"],
+        extra_compile_args=["/O2"] if sys.platform == "win32" else ["-O3"],
     ),
 ]
 

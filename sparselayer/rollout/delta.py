@@ -113,11 +113,11 @@ def encode_delta(new: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Ten
     entries: list[dict] = []
     for name, value in items:
         t, old = to_bf16(value), base.get(name)
-        if old is not None and old.shape == t.shape and torch.equal(_as_bits(old), _as_bits(t)):
+        diff = sparse_diff(to_bf16(old), t, backend) if old is not None and old.shape == t.shape else None
+        if diff is not None and len(diff[0]) == 0:
             continue  # unchanged since the last push
         key = str(len(entries))
         entry = {"name": name, "shape": list(t.shape), "crc": crc(t)}
-        diff = sparse_diff(to_bf16(old), t, backend) if old is not None and old.shape == t.shape else None
         if diff is None:
             entry["encoding"], tensors[key] = "dense", t
         else:
@@ -126,11 +126,6 @@ def encode_delta(new: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Ten
         entries.append(entry)
     meta = {"format": FORMAT, "base_version": int(base_version), "tensors": entries}
     return st_save(tensors, metadata={META_KEY: json.dumps(meta, separators=(",", ":"))})
-
-
-def _as_bits(t: torch.Tensor) -> torch.Tensor:
-    """bf16 bits as int16, so comparisons are exact (NaN patterns included)."""
-    return to_bf16(t).view(torch.int16)
 
 
 @dataclass
