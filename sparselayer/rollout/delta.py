@@ -91,7 +91,7 @@ def sparse_apply(base: torch.Tensor, indices: torch.Tensor, values: torch.Tensor
         raise ValueError("sparse indices and values must be 1-D of equal length")
     if indices.dtype not in (torch.int32, torch.int64) or values.dtype != torch.bfloat16:
         raise ValueError("sparse indices must be int32/int64 and values bfloat16")
-    out = base.clone().contiguous()
+    out = torch.from_numpy(_bits(base.contiguous()).copy()).view(torch.bfloat16).reshape(base.shape)  # numpy: fast copy
     if _use_cpp(backend):
         _C.delta_apply(_bits(out), indices.numpy(), _bits(values.contiguous()))
         return out
