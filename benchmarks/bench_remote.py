@@ -1,7 +1,7 @@
 """Remote mode: payload bytes of a one-step layer delta (sparse vs dense) and push seconds to `sparselayer serve`.
 
 Part 1 (codec): one decoder layer of Qwen3-8B's shape (hidden 4096, MLP 12288, 32 query / 8 KV
-heads of 128; 218M parameters), float32 master weights ~ N(0, 0.02), after one AdamW step: Adam's
+heads of 128; 193M parameters), float32 master weights ~ N(0, 0.02), after one AdamW step: Adam's
 first step moves every element by lr * sign(gradient), so the update is lr * sign(random). Payload
 bytes and encode/decode seconds, C++ and Python, for each --lr.
 
