@@ -9,6 +9,7 @@ frozen layers run through bitsandbytes (nf4, int8); mean and max |delta log p| o
 Time: one no-grad forward of the whole rollout batch (median of --repeats, the variants interleaved so
 load from other processes hits them alike), dense vs quantized. --random-model builds the step
 benchmark's random model (24 layers, hidden 512, MLP 1536, vocabulary 32768), where matmuls dominate.
+Also: one Linear of that model's MLP shape alone (2048 rows), dense fp32/bf16 against nf4/int8.
 """
 from __future__ import annotations
 
@@ -29,11 +30,33 @@ from sparselayer.trainer import Trainer
 
 def trainer_for(args: argparse.Namespace, quant: str) -> Trainer:
     """A trainer (model, task, sampler) with the frozen layers quantized as asked."""
-    values = {"layers": str(args.layer), "quant": quant, "prefix_cache": False, "seed": 0,
+    values = {"layers": str(args.layer), "quant": quant, "prefix_cache": False, "seed": 0, "rollout": "hf",
               "prompts_per_step": args.prompts, "num_generations": args.generations, "dtype": args.dtype}
     if args.model:
         values["model"] = args.model
     return Trainer(TrainConfig.from_mapping(values))
+
+
+def linear_times(rows: int = 2048, fan_in: int = 512, fan_out: int = 1536, repeats: int = 7) -> dict[str, float]:
+    """Median ms of one no-grad Linear (rows x fan_in by fan_in x fan_out): dense fp32/bf16 vs nf4/int8."""
+    from torch import nn
+
+    from sparselayer.model.quant import quantized_linear
+
+    torch.manual_seed(0)
+    dense = nn.Linear(fan_in, fan_out, bias=False)
+    x = torch.randn(rows, fan_in)
+    variants = {"dense_fp32": (dense, x), "dense_bf16": (nn.Linear(fan_in, fan_out, bias=False).bfloat16(), x.bfloat16()),
+                "nf4_bf16_in": (quantized_linear(dense, "nf4"), x.bfloat16()),
+                "int8_bf16_in": (quantized_linear(dense, "int8"), x.bfloat16())}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    with torch.no_grad():
+        for _ in range(repeats):
+            for name, (module, inp) in variants.items():
+                t0 = time.perf_counter()
+                module(inp)
+                times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(v) for name, v in times.items()}
 
 
 def main(argv: list[str]) -> dict:
@@ -69,6 +92,7 @@ def main(argv: list[str]) -> dict:
         seconds = statistics.median(times[mode])
         result["modes"][mode] = {"mean_abs_dlogp": float(diff.mean()), "max_abs_dlogp": float(diff.max()),
                                  "forward_s": seconds, "slowdown_vs_dense": seconds / dense_s}
+    result["linear_2048x512x1536_ms"] = linear_times()
     text = json.dumps(result, indent=2)
     print(text)
     if args.output:
