@@ -5,6 +5,7 @@ The engine runs in the trainer's dtype (float32 on CPU, where vLLM's CPU backend
 """
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from ..errors import ConfigError
 from .base import RolloutEngine, Rollouts
 from .changes import ChangeTracker
 from .hf import cut_at_eos
-from .vllm_layout import HeadPadding, head_dim_of, plan_padding, write_padded_model
+from .vllm_layout import head_dim_of, plan_padding, write_padded_model
 from .vllm_push import load_scoped, owning_modules
 
 CPU_KV_TOKENS = 32768  # KV-cache size on CPU, in tokens (vLLM's memory fraction means host RAM there)
@@ -49,6 +50,8 @@ class VLLMRolloutEngine(RolloutEngine):
         if problem:
             raise ConfigError(f"{problem}: use --rollout hf")
         self.serve_dir = write_padded_model(self.folder, self.padding) if self.padding else self.folder
+        if self.serve_dir != self.folder:
+            atexit.register(shutil.rmtree, self.serve_dir, True)
         self.sleep_mode = sleep_mode and device != "cpu"  # vLLM's sleep mode needs a GPU
         self.tracker = ChangeTracker(dtype)
         self.last_push: dict[str, float] = {}
@@ -60,8 +63,6 @@ class VLLMRolloutEngine(RolloutEngine):
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
 
-        # the in-place reloader warns about rotary tables, which hold no checkpoint weights
-        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
         max_len = max_model_len or int(config.get("max_position_embeddings") or 4096)
         kwargs = dict(model=str(self.serve_dir), dtype=str(self.dtype).removeprefix("torch."), seed=seed,
                       max_model_len=max_len, enforce_eager=enforce_eager, logprobs_mode="processed_logprobs",
@@ -76,6 +77,8 @@ class VLLMRolloutEngine(RolloutEngine):
         finally:
             torch.set_num_threads = set_threads  # vLLM's CPU worker replaces it with a no-op
             torch.set_num_threads(threads)
+            # after vLLM's logging setup: its in-place reloader warns about rotary tables, which hold no weights
+            logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
 
     def _kv_bytes_per_token(self, config: dict) -> int:
         head = self.padding.padded if self.padding else head_dim_of(config)
