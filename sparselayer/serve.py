@@ -5,11 +5,15 @@ layers it changed to `POST /sparselayer/delta` (a payload of `sparselayer.rollou
 server checks the whole payload before loading anything through vLLM's own weight-loading path
 (`reload_weights`, checkpoint names: fused and repacked parameters are handled by vLLM), then resets
 the prefix cache. It keeps the bf16 tensors it last applied as the base of the next sparse delta;
-a tensor never pushed has the model folder's checkpoint tensor as its base.
+a tensor never pushed has the model folder's checkpoint tensor as its base. On CPU, a model whose
+head size vLLM's attention lacks (the embedded default's 16) is served from a copy with padded
+heads (`rollout.vllm_layout`); deltas keep the checkpoint's shapes and are padded on the way in.
 """
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
 import tempfile
 import time
 from argparse import Namespace
@@ -23,6 +27,7 @@ from safetensors.torch import save_file
 
 from .errors import DeltaError, ModelError
 from .rollout.delta import DELTA_ROUTE, HEALTH_ROUTE, Delta, checkpoint_shapes, decode_delta, load_checkpoint_tensors
+from .rollout.vllm_layout import HeadPadding, plan_padding, write_padded_model
 CPU_KV_CACHE_BYTES = 1 << 30  # KV cache on a CPU host when no memory option is given
 
 
@@ -34,6 +39,7 @@ class DeltaState:
     shapes: dict[str, tuple[int, ...]]
     bases: dict[str, torch.Tensor] = field(default_factory=dict)
     version: int = 0  # pushes applied since start (0: the model folder's weights)
+    padding: HeadPadding | None = None  # CPU: heads vLLM cannot serve as they are, padded on the way in
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def base_of(self, name: str) -> torch.Tensor:
@@ -57,7 +63,7 @@ def check_model_dir(model: str | Path) -> Path:
     return path
 
 
-async def load_through_vllm(engine, tensors: dict[str, torch.Tensor]) -> None:
+async def load_through_vllm(engine, tensors: dict[str, torch.Tensor], padding: HeadPadding | None = None) -> None:
     """Load checkpoint-named tensors with the workers' `reload_weights` (vLLM's loader: fused, repacked).
 
     Tensors cannot cross vLLM's engine RPC (its messages carry plain data), so they go through a
@@ -66,6 +72,8 @@ async def load_through_vllm(engine, tensors: dict[str, torch.Tensor]) -> None:
     """
     shm = Path("/dev/shm")
     with tempfile.TemporaryDirectory(prefix="sparselayer-delta-", dir=shm if shm.is_dir() else None) as tmp:
+        if padding is not None:  # the served copy has padded heads; deltas keep the checkpoint's shapes
+            tensors = {name: padding.apply(name, t).contiguous() for name, t in tensors.items()}
         await asyncio.to_thread(save_file, tensors, str(Path(tmp) / "model.safetensors"))
         await engine.collective_rpc("reload_weights", kwargs={"weights_path": tmp, "is_checkpoint_format": True})
 
@@ -76,7 +84,7 @@ async def apply_delta(engine, state: DeltaState, payload: bytes) -> dict:
     async with state.lock:
         delta = await asyncio.to_thread(state.decode, payload)  # DeltaError: nothing applied
         if delta.tensors:
-            await load_through_vllm(engine, delta.tensors)
+            await load_through_vllm(engine, delta.tensors, state.padding)
             await engine.reset_prefix_cache()
             state.bases.update(delta.tensors)
             state.version += 1
@@ -104,20 +112,23 @@ def build_router() -> APIRouter:
     async def health(request: Request) -> JSONResponse:
         state: DeltaState = request.app.state.sparselayer
         return JSONResponse({"status": "ok", "model": str(state.model_dir), "version": state.version,
-                             "served_model_name": request.app.state.args.served_model_name or [str(state.model_dir)]})
+                             "served_model_name": request.app.state.args.served_model_name,
+                             "padded_heads": state.padding is not None})
 
     return router
 
 
 def vllm_args(model: str | Path, host: str = "127.0.0.1", port: int = 8000, max_model_len: int | None = None,
               dtype: str = "auto", gpu_memory_utilization: float | None = None,
-              enforce_eager: bool = False, kv_cache_memory_bytes: int | None = None) -> Namespace:
+              enforce_eager: bool = False, kv_cache_memory_bytes: int | None = None,
+              name: str | None = None) -> Namespace:
     """vLLM's own `vllm serve` arguments for these settings (its defaults for everything else)."""
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     argv = ["--model", str(model), "--host", host, "--port", str(port), "--dtype", dtype,
-            "--logprobs-mode", "processed_logprobs"]  # sampling log-probs after temperature/top-p, as sampled
+            "--logprobs-mode", "processed_logprobs",  # sampling log-probs after temperature/top-p, as sampled
+            "--served-model-name", name or str(model)]
     if max_model_len is not None:
         argv += ["--max-model-len", str(max_model_len)]
     if gpu_memory_utilization is not None:
@@ -162,7 +173,15 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, max_mode
     import uvloop
 
     path = check_model_dir(model)
-    state = DeltaState(path, checkpoint_shapes(path))
-    args = vllm_args(path, host, port, max_model_len, dtype, gpu_memory_utilization, enforce_eager,
-                     kv_cache_memory_bytes)
-    uvloop.run(run_server(args, state))
+    padding, problem = plan_padding(json.loads((path / "config.json").read_text()),
+                                    "cuda" if torch.cuda.is_available() else "cpu")
+    if problem:
+        raise ModelError(problem)
+    served = write_padded_model(path, padding) if padding else path
+    try:
+        args = vllm_args(served, host, port, max_model_len, dtype, gpu_memory_utilization, enforce_eager,
+                         kv_cache_memory_bytes, name=str(path))
+        uvloop.run(run_server(args, DeltaState(path, checkpoint_shapes(path), padding=padding)))
+    finally:
+        if served != path:
+            shutil.rmtree(served, ignore_errors=True)

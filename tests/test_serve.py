@@ -50,7 +50,7 @@ def server(tmp_path_factory):
     """(url, model folder) of ONE `sparselayer serve` process for the session; SIGTERM at the end."""
     pytest.importorskip("vllm")
     root = tmp_path_factory.mktemp("serve")
-    model = make_tiny_model(root / "model", hidden=128)  # head size 32: vLLM's CPU attention serves it as is
+    model = make_tiny_model(root / "model", hidden=64)  # head size 16: served with heads padded to 32
     port, log = _free_port(), root / "server.log"
     cmd = [sys.executable, "-m", "sparselayer.cli", "serve", "--model", str(model), "--port", str(port),
            "--max-model-len", "64", "--enforce-eager", "--kv-cache-memory-bytes", str(64 << 20)]
@@ -60,6 +60,7 @@ def server(tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, proc, log)
+        assert httpx.get(url + D.HEALTH_ROUTE).json()["padded_heads"]
         yield url, model
     finally:
         proc.send_signal(signal.SIGTERM)
