@@ -92,3 +92,22 @@ def test_step_frees_the_cache_before_the_push(tiny_model):
     trainer.attach_prefix, trainer.engine.update_weights = tracking_attach, tracking_push
     trainer.step()
     assert refs and alive_at_push == [0]
+
+
+def test_move_entry_moves_every_activation_and_leaves_the_original(tiny_model):
+    """The spill/fetch copy walks hidden state, positions, rotary tables and masks (here to the meta device,
+    the one other device a CPU-only machine has); tensors already on the target are shared, not copied."""
+    from sparselayer.model.cache_budget import _tensors, move_entry
+
+    trainer = _trainer(tiny_model)
+    sb = trainer.rollout_batch()
+    trainer.attach_prefix(sb)
+    entry = sb.prefix[0]
+    moved = move_entry(entry, torch.device("meta"))
+    before, after = _tensors((entry.hidden, entry.context)), _tensors((moved.hidden, moved.context))
+    assert len(after) == len(before) >= 4  # hidden, position ids, cos, sin (+ masks when materialized)
+    assert all(t.device.type == "meta" for t in after) and all(t.device.type == "cpu" for t in before)
+    assert [t.shape for t in after] == [t.shape for t in before]
+    assert moved.context.masks.keys() == entry.context.masks.keys() and moved.batch is entry.batch
+    same = move_entry(entry, torch.device("cpu"))
+    assert same.hidden is entry.hidden
