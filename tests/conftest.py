@@ -49,7 +49,21 @@ def vllm_engine(tmp_path_factory):
     from sparselayer.rollout.vllm_engine import VLLMRolloutEngine
 
     folder = make_tiny_model(tmp_path_factory.mktemp("vllm") / "model", hidden=64)
+    _tie_embeddings(folder)  # like the embedded default: vLLM's tied LM head must follow embedding pushes
     tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
     engine = VLLMRolloutEngine(folder, tokenizer, torch.float32, "cpu", max_model_len=64)
     yield engine
     engine.close()
+
+
+def _tie_embeddings(folder: Path) -> None:
+    """Turn a saved model into one whose LM head is its input embedding (the HF way: no lm_head tensor)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}, indent=2))
+    tensors = load_file(folder / "model.safetensors")
+    tensors.pop("lm_head.weight", None)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})

@@ -84,6 +84,12 @@ def test_layer_push_gives_the_same_engine_as_a_full_reload(engine, hf_model):
     assert (engine.prompt_logprobs(SEQUENCE), engine.generate(["3+4="], 4, 6, seed=2)) == pushed
 
 
+def test_full_parameter_push_follows_the_tied_head(engine, hf_model):
+    perturb(dict(hf_model.named_parameters()), 3)  # embeddings (tied to the head), final norm, every layer
+    assert engine.update_weights(hf_model.named_parameters()) > 0
+    assert check_sync(engine, hf_model, SEQUENCE, 1e-3) < 1e-3
+
+
 def test_check_sync_names_the_difference(engine, hf_model):
     perturb(layer_state(hf_model, 3), 2)  # the trainer moved, the engine was not told
     with pytest.raises(SyncError, match="max \\|log-prob difference\\|"):

@@ -21,7 +21,7 @@ from .base import RolloutEngine, Rollouts
 from .changes import ChangeTracker
 from .hf import cut_at_eos
 from .vllm_layout import head_dim_of, plan_padding, write_padded_model
-from .vllm_push import load_scoped, owning_modules
+from .vllm_push import LAYER_RE, load_scoped, owning_modules, reload_full
 
 CPU_KV_TOKENS = 32768  # KV-cache size on CPU, in tokens (vLLM's memory fraction means host RAM there)
 
@@ -115,7 +115,10 @@ class VLLMRolloutEngine(RolloutEngine):
             return 0
         weights = [(n, self._serve_form(n, t)) for n, t in changed.items()]
         self._wake()
-        self.llm.collective_rpc(load_scoped, args=(weights, owning_modules(changed)))
+        if all(LAYER_RE.match(n) for n in changed):  # decoder layers only: load just their modules
+            self.llm.collective_rpc(load_scoped, args=(weights, owning_modules(changed)))
+        else:  # embeddings, final norm, LM head (--layers all): the whole-model reload
+            self.llm.collective_rpc(reload_full, args=(weights,))
         self.llm.reset_prefix_cache()
         self._sleep()
         self.tracker.mark_pushed(changed)
@@ -128,7 +131,7 @@ class VLLMRolloutEngine(RolloutEngine):
         tensors = {n: t.detach().to(dtype=self.dtype) for n, t in named_tensors}
         weights = [(n, self._serve_form(n, t)) for n, t in tensors.items()]
         self._wake()
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        self.llm.collective_rpc(reload_full, args=(weights,))
         self.llm.reset_prefix_cache()
         self._sleep()
         self.tracker.pushed.clear()  # the next layer push sends its tensors again

@@ -16,7 +16,10 @@ LAYER_RE = re.compile(r"^(.*?layers\.\d+)\.")
 
 
 def owning_modules(names: Iterable[str]) -> list[str]:
-    """Module paths to reload for these checkpoint names: the whole decoder layer, else the parent module."""
+    """Module paths to reload for these checkpoint names: the whole decoder layer, else the parent module.
+
+    Only decoder-layer tensors go through `load_scoped`: an embedding may be tied to the LM head,
+    whose repacked CPU copy lies outside the embedding module."""
     owners = []
     for name in names:
         match = LAYER_RE.match(name)
@@ -42,3 +45,17 @@ def load_scoped(worker, weights: list[tuple[str, torch.Tensor]], modules: list[s
         for module in scoped:
             finalize_layerwise_reload(module, runner.model_config)
     return len(loaded) if loaded is not None else len(weights)
+
+
+def reload_full(worker, weights: list[tuple[str, torch.Tensor]]) -> None:
+    """vLLM's stock in-place reload, then re-prepare a tied LM head.
+
+    On CPU the head keeps a repacked copy of the (shared) embedding matrix in a closure, which the
+    stock reload does not rebuild when only the embedding module received weights.
+    """
+    worker.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+    model = worker.model_runner.get_model()
+    head, embed = getattr(model, "lm_head", None), getattr(getattr(model, "model", None), "embed_tokens", None)
+    if head is not None and embed is not None and getattr(head, "weight", None) is getattr(embed, "weight", 0):
+        with torch.no_grad():
+            head.quant_method.process_weights_after_loading(head)
