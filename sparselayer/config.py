@@ -25,7 +25,8 @@ class ModelConfig:
     """Which model, which layers are trained, and how it runs."""
 
     model: str | None = None  # local HF folder; None: the embedded default
-    layers: str = "16"  # "16", "-1", "14-18", "10,16" or "all"
+    layers: str = "16"  # "16", "-1", "14-18", "10,16", "mid:5", "top:3" (needs layer_ranking) or "all"
+    layer_ranking: str | None = None  # sweep.csv whose C(k) ranking resolves "top:k" (CLI: --from)
     dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16
     attn_implementation: str = "auto"  # auto (flash_attention_2 if installed on CUDA, else sdpa) | sdpa | eager
     device: str = "auto"  # auto | cpu | cuda
@@ -69,6 +70,7 @@ class RLConfig:
     tis_cap: float | None = None  # truncated importance sampling: cap on trainer/sampler probability ratios
     boost_layers: str | None = None  # with --layers all: these layers ("top:3", "10,16") train at --boost-lr
     boost_lr: float | None = None  # learning rate of --boost-layers (every other layer: --learning-rate)
+    full_learning_rate: float | None = None  # sweep: the full-parameter baseline's rate (None: --learning-rate)
 
 
 @dataclass
@@ -178,6 +180,12 @@ class TrainConfig:
             parse_size(self.model.prefix_cache_budget)
         _choice("--kernels", self.model.kernels, ("auto", "triton", "torch"))
         _choice("--optim", rl.optim, ("adamw", "adamw8bit"))
+        if (rl.boost_layers is None) != (rl.boost_lr is None):
+            raise ConfigError("--boost-layers and --boost-lr go together: give both or neither")
+        for name in ("boost_lr", "full_learning_rate"):
+            value = getattr(rl, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
         if rl.tis_cap is not None and not (math.isfinite(rl.tis_cap) and rl.tis_cap >= 1):
             raise ConfigError(f"--tis-cap must be a finite number >= 1, got {rl.tis_cap}")
         if self.task.dataset and self.task.task:

@@ -88,7 +88,7 @@ class Trainer:
         self.task = task or build_task(config.task.task, config.task.dataset, config.task.reward)
         self.model, self.tokenizer = load_model(m.model, m.dtype, m.device, m.attn_implementation)
         self.device = next(self.model.parameters()).device
-        self.layers = parse_layers(m.layers, len(decoder_layers(self.model)))
+        self.layers = parse_layers(m.layers, len(decoder_layers(self.model)), m.layer_ranking)
         self.trained = freeze_except(self.model, self.layers)
         self.quant = resolve_quant(m.quant, self.device, self.layers)  # frozen decoder layers via bitsandbytes
         quantize_frozen(self.model, self.layers, self.quant)
@@ -110,12 +110,27 @@ class Trainer:
         self.max_completion_length = (config.rollout.max_completion_length
                                       or self.task.suggested_max_completion_length)
         rl = config.rl
-        self.optimizer = build_optimizer(self.trained.values(), config)  # fp32 masters for bf16; --optim
+        self.optimizer = build_optimizer(self.param_groups(), config)  # fp32 masters for bf16; --optim
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / rl.warmup_steps) if rl.warmup_steps else 1.0)
         self.reference = ({n: p.detach().clone() for n, p in self.trained.items()} if rl.beta > 0 else None)
         self.sampler = PromptSampler(len(self.task.train), config.run.seed)
         self.step_count = 0
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimizer groups: every trained tensor at --learning-rate, --boost-layers' tensors at --boost-lr."""
+        rl, m = self.config.rl, self.config.model
+        if not rl.boost_layers:
+            return [{"params": list(self.trained.values())}]
+        if self.layers is not None:
+            raise ConfigError("--boost-layers goes with --layers all (the boosted layers train faster than the rest)")
+        boosted = parse_layers(rl.boost_layers, len(decoder_layers(self.model)), m.layer_ranking)
+        if boosted is None:
+            raise ConfigError("--boost-layers all boosts nothing: raise --learning-rate instead")
+        prefixes = tuple(f"model.layers.{k}." for k in boosted)
+        fast = [p for n, p in self.trained.items() if n.startswith(prefixes)]
+        rest = [p for n, p in self.trained.items() if not n.startswith(prefixes)]
+        return [{"params": rest}, {"params": fast, "lr": rl.boost_lr}]
 
     @property
     def label(self) -> str:
