@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from .errors import DeltaError, ModelError
 from .rollout.delta import DELTA_ROUTE, HEALTH_ROUTE, Delta, checkpoint_shapes, decode_delta, load_checkpoint_tensors
 from .rollout.vllm_layout import HeadPadding, plan_padding, write_padded_model
+
 CPU_KV_CACHE_BYTES = 1 << 30  # KV cache on a CPU host when no memory option is given
 
 
@@ -68,7 +69,8 @@ async def load_through_vllm(engine, tensors: dict[str, torch.Tensor], padding: H
 
     Tensors cannot cross vLLM's engine RPC (its messages carry plain data), so they go through a
     safetensors file in a temporary folder on this host (RAM-backed /dev/shm when present), which
-    the workers read as a partial checkpoint.
+    the workers read as a partial checkpoint (vLLM then points the workers' model path at that
+    folder, which nothing reads again: every later push names its own folder).
     """
     shm = Path("/dev/shm")
     with tempfile.TemporaryDirectory(prefix="sparselayer-delta-", dir=shm if shm.is_dir() else None) as tmp:
