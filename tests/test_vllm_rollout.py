@@ -52,6 +52,11 @@ def test_generate_seeded_rows_and_sampling_logprobs(engine, hf_model):
     ids = a.prompt_ids[0] + a.completion_ids[0]
     ours = trainer_logprobs(hf_model, ids)[len(a.prompt_ids[0]) - 1:]
     assert torch.allclose(ours, torch.tensor(a.sampling_logprobs[0]), atol=1e-3)
+    hot = engine.generate(prompts, 2, 6, temperature=0.7, seed=1)  # log-probs after temperature, like the trainer's
+    ids = torch.tensor([hot.prompt_ids[1] + hot.completion_ids[1]])
+    with torch.no_grad():
+        logp = (hf_model(input_ids=ids).logits[0, :-1] / 0.7).log_softmax(-1).gather(1, ids[0, 1:, None])[:, 0]
+    assert torch.allclose(logp[len(hot.prompt_ids[1]) - 1:], torch.tensor(hot.sampling_logprobs[1]), atol=1e-3)
     greedy = engine.generate(prompts, 2, 6, greedy=True)
     assert greedy.completion_ids[0] == greedy.completion_ids[1]
 
