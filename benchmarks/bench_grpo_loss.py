@@ -17,7 +17,9 @@ Time: median wall time of --reps warm forward + backward runs.
     python benchmarks/bench_grpo_loss.py --tokens 1024 8192 --vocab 32768   # the quick CPU subset
 
 A naive point whose ~4 fp32 tokens x vocab tensors would not fit in --memory-limit-gb (default: 80% of
-the memory free now) is skipped, and the reason is printed and kept in the JSON.
+the memory free now) is skipped, and the reason is printed and kept in the JSON; so is, on CPU, any
+point over --max-cpu-tflop of forward + backward work (about 6 x tokens x vocab x hidden flop).
+--reps 0 measures memory only.
 """
 from __future__ import annotations
 
@@ -160,7 +162,7 @@ def measure(method: str, tokens: int, vocab: int, hidden: int, dtype: str, devic
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    result.update(time_s=statistics.median(times), times_s=times)
+    result.update(time_s=statistics.median(times) if times else None, times_s=times)
     return result
 
 
@@ -175,6 +177,11 @@ def naive_bytes(tokens: int, vocab: int) -> int:
 def naive_fits(tokens: int, vocab: int, device: str, limit_bytes: float) -> bool:
     """Whether the naive path's ~4 fp32 tokens x vocab tensors fit under the memory limit."""
     return naive_bytes(tokens, vocab) <= limit_bytes
+
+
+def work_tflop(tokens: int, vocab: int, hidden: int) -> float:
+    """Forward + backward matmul work of the loss in TFLOP: logits twice, dH once (2 flop per multiply-add)."""
+    return 6 * tokens * vocab * hidden / 1e12
 
 
 def available_bytes(device: str) -> float:
@@ -202,7 +209,9 @@ def _cell(row: dict | None, key: str, fmt) -> str:
     """One table cell: the formatted value, the row's error (truncated), or '-'."""
     if row is None:
         return "-"
-    return fmt(row[key]) if key in row else row.get("error", "-")[:30]
+    if row.get(key) is not None:
+        return fmt(row[key])
+    return row["error"].split(":")[0] if "error" in row else "-"
 
 
 def format_table(rows: list[dict]) -> str:
@@ -223,7 +232,8 @@ def format_table(rows: list[dict]) -> str:
                  _cell(naive, mem, mib), _cell(fused, mem, mib), _cell(naive, "alloc_extra_bytes", mib),
                  _cell(fused, "alloc_extra_bytes", mib), ratio]
         out.append("| " + " | ".join(cells) + " |")
-    return "\n".join(out)
+    reasons = sorted({f"{r['method']} {r['tokens']} x {r['vocab']}: {r['error']}" for r in rows if "error" in r})
+    return "\n".join(out + [""] * bool(reasons) + reasons)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -241,6 +251,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunk-vocab", type=int, default=4096)
     p.add_argument("--memory-limit-gb", type=float, default=None,
                    help="skip naive points needing more (default: 80%% of free memory)")
+    p.add_argument("--max-cpu-tflop", type=float, default=1.0,
+                   help="on CPU, skip points with more forward + backward work (default 1.0: up to 8k x 32k)")
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -264,6 +276,12 @@ def main(argv: list[str] | None = None) -> int:
                 point = dict(method=method, tokens=n, vocab=v, hidden=args.hidden, dtype=dtype, device=device,
                              reps=args.reps, beta=args.beta, chunk_tokens=args.chunk_tokens,
                              chunk_vocab=args.chunk_vocab)
+                if not cuda and work_tflop(n, v, args.hidden) > args.max_cpu_tflop:
+                    reason = (f"skipped: ~{work_tflop(n, v, args.hidden):.1f} TFLOP per run on CPU, over "
+                              f"--max-cpu-tflop {args.max_cpu_tflop:g}")
+                    print(f"{method} {n} x {v}: {reason}", flush=True)
+                    rows.append(dict(point, error=reason))
+                    continue
                 if method == "naive" and not naive_fits(n, v, device, limit):
                     reason = (f"skipped: needs ~{naive_bytes(n, v) / 2**30:.0f} GiB, "
                               f"limit {limit / 2**30:.0f} GiB")
