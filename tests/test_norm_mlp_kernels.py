@@ -135,8 +135,8 @@ def test_swiglu_nan_propagates(backend):
 def mlp_weights(seed: int, hidden: int = 45, inter: int = 70, bias: bool = False) -> list[torch.Tensor | None]:
     """Random frozen gate, up, down weights (and biases) of a SwiGLU MLP."""
     g = torch.Generator().manual_seed(seed)
-    weights = [torch.randn(inter, hidden, generator=g) / hidden**0.5, torch.randn(inter, hidden, generator=g) / hidden**0.5,
-               torch.randn(hidden, inter, generator=g) / inter**0.5]
+    gate, up = (torch.randn(inter, hidden, generator=g) / hidden**0.5 for _ in range(2))
+    weights = [gate, up, torch.randn(hidden, inter, generator=g) / inter**0.5]
     biases = [0.1 * torch.randn(n, generator=g) for n in (inter, inter, hidden)] if bias else [None] * 3
     return weights + biases
 
@@ -296,3 +296,13 @@ def test_kernels_setting(family_models, monkeypatch):
         monkeypatch.delenv("TRITON_INTERPRET")
         with pytest.raises(ConfigError, match="CUDA"):
             resolve_kernels("triton", cpu)
+
+
+@pytest.mark.parametrize("value", ["cuda", "TRITON"])
+def test_cli_refuses_bad_kernels(capsys, tmp_path, monkeypatch, value):
+    from sparselayer.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--kernels", value, "--max-steps", "1", "--no-progress"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("sparselayer: error:") and "--kernels" in err[0]
