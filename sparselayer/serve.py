@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -30,6 +31,7 @@ from .rollout.delta import DELTA_ROUTE, HEALTH_ROUTE, Delta, checkpoint_shapes, 
 from .rollout.vllm_layout import HeadPadding, plan_padding, write_padded_model
 
 CPU_KV_CACHE_BYTES = 1 << 30  # KV cache on a CPU host when no memory option is given
+LAYER_PREFIX = re.compile(r"^.*?\.layers\.\d+\.")  # "model.layers.16." of a decoder-layer tensor name
 
 
 @dataclass
@@ -52,6 +54,16 @@ class DeltaState:
     def decode(self, payload: bytes) -> Delta:
         """Validate and decode a payload against the current state (raises DeltaError)."""
         return decode_delta(payload, self.shapes, self.base_of, self.version)
+
+    def whole_layers(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`tensors` plus every other tensor of the decoder layers they belong to, at its current value.
+
+        vLLM's in-place reload rebuilds each module it touches from what is loaded, so a fused module
+        (qkv_proj, gate_up_proj) given one of its shards would keep garbage in the others.
+        """
+        prefixes = {m.group(0) for name in tensors if (m := LAYER_PREFIX.match(name))}
+        rest = [n for n in self.shapes if n not in tensors and any(n.startswith(p) for p in prefixes)]
+        return {**tensors, **{n: self.base_of(n) for n in rest}}
 
 
 def check_model_dir(model: str | Path) -> Path:
@@ -86,7 +98,7 @@ async def apply_delta(engine, state: DeltaState, payload: bytes) -> dict:
     async with state.lock:
         delta = await asyncio.to_thread(state.decode, payload)  # DeltaError: nothing applied
         if delta.tensors:
-            await load_through_vllm(engine, delta.tensors, state.padding)
+            await load_through_vllm(engine, state.whole_layers(delta.tensors), state.padding)
             await engine.reset_prefix_cache()
             state.bases.update(delta.tensors)
             state.version += 1

@@ -129,6 +129,15 @@ def test_sparse_push_changes_generations_to_the_new_weights(server, tokenizer):
     engine.update_weights(original.items())  # back to the checkpoint, sparse again
     assert engine.last_push["sparse"]
     assert (torch.tensor(engine.prompt_logprobs(SEQUENCE)) - served).abs().max() > 0.2
+    params = {k: v.clone() for k, v in original.items()}  # bf16 parameters an optimizer updates in place
+    assert engine.update_weights(params.items()) == 0  # nothing changed since the last push: nothing sent
+    name = LAYER + "mlp.up_proj.weight"
+    params[name].view(-1)[:5] += 1
+    assert engine.update_weights(params.items()) > 0 and engine.last_push["tensors"] == [name]
+    served = torch.tensor(engine.prompt_logprobs(SEQUENCE))  # one shard of fused gate_up_proj: the rest kept
+    assert (served - _hf_logprobs(model_dir, params, SEQUENCE)).abs().max() < 0.05
+    params[name].view(-1)[:5] -= 1
+    assert engine.update_weights(params.items()) > 0 and engine.last_push["sparse"] == [name]
 
 
 @pytest.mark.slow

@@ -38,8 +38,8 @@ WIDE_LIMIT = 2**31 - 1  # above this many elements indices are int64
 DELTA_ROUTE = "/sparselayer/delta"  # where `sparselayer serve` takes payloads
 HEALTH_ROUTE = "/sparselayer/health"  # its model, weights version and served model name
 
-__all__ = ["FORMAT", "HAVE_EXTENSION", "Delta", "encode_delta", "decode_delta", "sparse_diff", "sparse_apply",
-           "to_bf16", "checkpoint_shapes", "load_checkpoint_tensors"]
+__all__ = ["FORMAT", "HAVE_EXTENSION", "Delta", "encode_delta", "decode_delta", "read_meta", "sparse_diff",
+           "sparse_apply", "to_bf16", "checkpoint_shapes", "load_checkpoint_tensors"]
 
 
 def _use_cpp(backend: str | None) -> bool:
@@ -51,9 +51,9 @@ def _use_cpp(backend: str | None) -> bool:
     return HAVE_EXTENSION if backend is None else backend == "cpp"
 
 
-def to_bf16(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous CPU bfloat16 copy-or-view of `t`: the form every push travels in."""
-    return t.detach().to(device="cpu", dtype=torch.bfloat16).contiguous()
+def to_bf16(t: torch.Tensor, copy: bool = False) -> torch.Tensor:
+    """`t` as contiguous CPU bfloat16, the form every push travels in (`copy`: never shares memory with `t`)."""
+    return t.detach().to(device="cpu", dtype=torch.bfloat16, copy=copy).contiguous()
 
 
 def _bits(t: torch.Tensor) -> np.ndarray:
@@ -137,18 +137,26 @@ class Delta:
     encodings: dict[str, str] = field(default_factory=dict)  # name -> "dense" | "sparse"
 
 
-def _read_payload(payload: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Metadata JSON and raw tensors of a payload; DeltaError if it is not one."""
+def read_meta(payload: bytes) -> dict:
+    """The payload's metadata (format, base_version, tensors) from its header alone; DeltaError if none."""
     try:
-        raw = st_load(payload)
         header_len = int.from_bytes(payload[:8], "little")
         meta_text = json.loads(payload[8 : 8 + header_len]).get("__metadata__", {}).get(META_KEY)
         meta = json.loads(meta_text) if meta_text else None
-    except (SafetensorError, ValueError, TypeError, AttributeError) as exc:
+    except (ValueError, TypeError, AttributeError) as exc:
         raise DeltaError(f"delta payload is not a readable safetensors file ({str(exc).splitlines()[0]})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("tensors"), list):
         raise DeltaError(f"delta payload lacks {FORMAT} metadata")
-    return meta, raw
+    return meta
+
+
+def _read_payload(payload: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Metadata and raw tensors of a payload; DeltaError if it is not one."""
+    try:
+        raw = st_load(payload)
+    except (SafetensorError, ValueError, TypeError) as exc:
+        raise DeltaError(f"delta payload is not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+    return read_meta(payload), raw
 
 
 def decode_delta(payload: bytes, shapes: Mapping[str, tuple[int, ...]],

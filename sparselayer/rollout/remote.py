@@ -15,7 +15,12 @@ import torch
 
 from ..errors import DeltaError, RemoteError
 from .base import RolloutEngine, Rollouts
-from .delta import DELTA_ROUTE, HEALTH_ROUTE, encode_delta, load_checkpoint_tensors, to_bf16
+from .delta import DELTA_ROUTE, HEALTH_ROUTE, encode_delta, load_checkpoint_tensors, read_meta, to_bf16
+
+
+# override sampling defaults a served model's generation_config.json would add (Qwen3: top_k 20):
+# the trainer samples with temperature and top-p only
+PLAIN_SAMPLING = {"top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
 
 
 class RemoteRolloutEngine(RolloutEngine):
@@ -65,7 +70,7 @@ class RemoteRolloutEngine(RolloutEngine):
         prompt_ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         rows = [ids for ids in prompt_ids for _ in range(num_generations)]
         body = {"model": self._model_name, "max_tokens": max_new_tokens, "seed": seed, "logprobs": 0,
-                "return_token_ids": True, "stop_token_ids": [self.tokenizer.eos_token_id]}
+                "return_token_ids": True, "stop_token_ids": [self.tokenizer.eos_token_id], **PLAIN_SAMPLING}
         if greedy:  # vLLM's greedy sampling takes n=1: send each row as its own prompt
             body.update(prompt=rows, n=1, temperature=0.0)
         else:
@@ -81,7 +86,7 @@ class RemoteRolloutEngine(RolloutEngine):
         if self._model_name is None:
             self.health()
         body = {"model": self._model_name, "prompt": [list(token_ids)], "max_tokens": 1, "temperature": 1.0,
-                "prompt_logprobs": 0}
+                "top_p": 1.0, "prompt_logprobs": 0, **PLAIN_SAMPLING}
         steps = self._request("POST", "/v1/completions", json=body)["choices"][0]["prompt_logprobs"]
         return [step[str(t)]["logprob"] for step, t in zip(steps[1:], token_ids[1:])]
 
@@ -94,9 +99,11 @@ class RemoteRolloutEngine(RolloutEngine):
         return self.pushed
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
-        """Push what changed since the last push (checkpoint names); returns payload bytes sent."""
-        new = {name: to_bf16(t) for name, t in named_tensors}
+        """Push what changed since the last push (checkpoint names); returns payload bytes (0: no change)."""
+        new = {name: to_bf16(t, copy=True) for name, t in named_tensors}  # kept as the next base: no aliasing
         payload = encode_delta(new, self._base(new), self.version)
+        if not read_meta(payload)["tensors"]:
+            return 0
         self.last_push = self._request("POST", DELTA_ROUTE, content=payload,
                                        headers={"content-type": "application/octet-stream"})
         self.pushed.update(new)
