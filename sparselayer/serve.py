@@ -43,6 +43,7 @@ class DeltaState:
     bases: dict[str, torch.Tensor] = field(default_factory=dict)
     version: int = 0  # pushes applied since start (0: the model folder's weights)
     padding: HeadPadding | None = None  # CPU: heads vLLM cannot serve as they are, padded on the way in
+    refused: dict[str, str] = field(default_factory=dict)  # tensor name -> why this server cannot load it
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def base_of(self, name: str) -> torch.Tensor:
@@ -53,7 +54,10 @@ class DeltaState:
 
     def decode(self, payload: bytes) -> Delta:
         """Validate and decode a payload against the current state (raises DeltaError)."""
-        return decode_delta(payload, self.shapes, self.base_of, self.version)
+        delta = decode_delta(payload, self.shapes, self.base_of, self.version)
+        for name in delta.tensors.keys() & self.refused.keys():
+            raise DeltaError(f"delta tensor {name}: {self.refused[name]}")
+        return delta
 
     def whole_layers(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """`tensors` plus every other tensor of the decoder layers they belong to, at its current value.
@@ -64,6 +68,14 @@ class DeltaState:
         prefixes = {m.group(0) for name in tensors if (m := LAYER_PREFIX.match(name))}
         rest = [n for n in self.shapes if n not in tensors and any(n.startswith(p) for p in prefixes)]
         return {**tensors, **{n: self.base_of(n) for n in rest}}
+
+
+def refused_tensors(config: dict) -> dict[str, str]:
+    """Tensors a push must not change here: on CPU vLLM's reload leaves a tied LM head's repacked copy stale."""
+    if torch.cuda.is_available() or not config.get("tie_word_embeddings"):
+        return {}
+    return {"model.embed_tokens.weight": "tied to the LM head, whose repacked CPU copy vLLM's reload leaves "
+                                         "stale; push decoder layers only"}
 
 
 def check_model_dir(model: str | Path) -> Path:
@@ -187,15 +199,16 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, max_mode
     import uvloop
 
     path = check_model_dir(model)
-    padding, problem = plan_padding(json.loads((path / "config.json").read_text()),
-                                    "cuda" if torch.cuda.is_available() else "cpu")
+    config = json.loads((path / "config.json").read_text())
+    padding, problem = plan_padding(config, "cuda" if torch.cuda.is_available() else "cpu")
     if problem:
         raise ModelError(problem)
     served = write_padded_model(path, padding) if padding else path
     try:
         args = vllm_args(served, host, port, max_model_len, dtype, gpu_memory_utilization, enforce_eager,
                          kv_cache_memory_bytes, name=str(path))
-        uvloop.run(run_server(args, DeltaState(path, checkpoint_shapes(path), padding=padding)))
+        state = DeltaState(path, checkpoint_shapes(path), padding=padding, refused=refused_tensors(config))
+        uvloop.run(run_server(args, state))
     finally:
         if served != path:
             shutil.rmtree(served, ignore_errors=True)

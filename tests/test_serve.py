@@ -235,3 +235,19 @@ def test_remote_engine_unreachable_server_is_clear():
     with pytest.raises(RemoteError, match="unreachable"):
         engine.update_weights([("x", torch.zeros(2))])
     assert not isinstance(RemoteError("x"), DeltaError)
+
+
+def test_tied_embedding_push_refused_on_cpu():
+    pytest.importorskip("fastapi")
+    import json
+
+    from sparselayer.serve import DeltaState, refused_tensors
+
+    model = Path(__file__).resolve().parents[1] / "sparselayer" / "data" / "default_model"  # tied embeddings
+    state = DeltaState(model, D.checkpoint_shapes(model), refused=refused_tensors(json.loads(
+        (model / "config.json").read_text())))
+    emb = D.load_checkpoint_tensors(model, ["model.embed_tokens.weight"])["model.embed_tokens.weight"]
+    if torch.cuda.is_available():
+        pytest.skip("the refusal is CPU-only")
+    with pytest.raises(DeltaError, match="tied to the LM head"):
+        state.decode(D.encode_delta({"model.embed_tokens.weight": emb.float() + 1}, {}, 0))
