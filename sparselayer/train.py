@@ -64,6 +64,17 @@ def train(config: TrainConfig, task: Task | None = None, engine: RolloutEngine |
     if run.has_run() and not resume:
         raise RunError(f"{run.path} already holds a run: pass --resume to continue it, or pick another --output-dir")
     trainer = Trainer(config, task=task, engine=engine)
+    try:
+        return _run(trainer, run, resume, on_step)
+    finally:
+        if engine is None:  # the trainer built it: free it (a sweep builds one per run)
+            trainer.engine.close()
+
+
+def _run(trainer: Trainer, run: RunDir, resume: bool,
+         on_step: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+    """Train to max_steps from the latest checkpoint (resume) or from scratch; evaluate; write the summary."""
+    config = trainer.config
     run.create()
     run.write_config(config.to_dict())
     start = restore_checkpoint(trainer, run) if resume else 0

@@ -33,6 +33,9 @@ class RolloutEngine(ABC):
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Load the given tensors (checkpoint names) into the engine's model; return bytes received."""
 
+    def close(self) -> None:
+        """Release what the engine holds (a vLLM engine, an HTTP client); nothing by default."""
+
 
 @dataclass
 class Batch:
