@@ -123,7 +123,8 @@ def _train_config(cfg: StepBenchConfig, model: Path, layers: str) -> TrainConfig
         "model": str(model), "layers": layers, "prompts_per_step": cfg.prompts, "num_generations": cfg.generations,
         "num_iterations": cfg.num_iterations, "beta": cfg.beta, "micro_batch_size": cfg.micro_batch_size,
         "max_completion_length": cfg.completion_len, "seed": cfg.seed, "dtype": cfg.dtype, "device": cfg.device,
-        "learning_rate": 1e-5, "loss_type": "grpo", "quant": "none" if layers == "all" else cfg.quant})
+        "learning_rate": 1e-5, "loss_type": "grpo", "quant": "none" if layers == "all" else cfg.quant,
+        "fused_layers": layers != "all"})  # the baseline runs stock transformers modules, as TRL would
 
 
 class StandardGRPOStep:
