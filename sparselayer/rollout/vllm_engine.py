@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -60,13 +61,14 @@ class VLLMRolloutEngine(RolloutEngine):
     def _start(self, config: dict, max_model_len: int | None, memory: float, enforce_eager: bool, seed: int):
         """Build the in-process LLM, keeping the trainer's torch thread settings (vLLM lowers them)."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its start-up notices are not the user's business
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.")
         from vllm import LLM
 
         max_len = max_model_len or int(config.get("max_position_embeddings") or 4096)
         kwargs = dict(model=str(self.serve_dir), dtype=str(self.dtype).removeprefix("torch."), seed=seed,
                       max_model_len=max_len, enforce_eager=enforce_eager, logprobs_mode="processed_logprobs",
-                      enable_sleep_mode=self.sleep_mode)
+                      enable_sleep_mode=self.sleep_mode, use_tqdm_on_load=False)
         if self.device == "cpu":
             kwargs["kv_cache_memory_bytes"] = max(CPU_KV_TOKENS, max_len) * self._kv_bytes_per_token(config)
         else:
