@@ -194,15 +194,21 @@ def available_bytes(device: str) -> float:
     return float("inf")
 
 
-def run_child(point: dict) -> dict:
-    """Measure one point in a fresh Python process (clean allocator, honest peak)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(point)]
+def run_worker(script: str | Path, payload: dict) -> tuple[dict | None, str]:
+    """Run `script --worker PAYLOAD` in a fresh Python process (clean allocator, honest peak);
+    return its last JSON line (None when it failed) and its stderr."""
+    cmd = [sys.executable, str(Path(script).resolve()), "--worker", json.dumps(payload)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        return dict(point, error=(proc.stderr.strip().splitlines() or ["failed"])[-1])
-    return json.loads(lines[-1])
+    ok = proc.returncode == 0 and lines
+    return (json.loads(lines[-1]) if ok else None), proc.stderr
+
+
+def run_child(point: dict) -> dict:
+    """Measure one point in a fresh process; a failure becomes the point's `error`."""
+    result, stderr = run_worker(__file__, point)
+    return result if result is not None else dict(point, error=(stderr.strip().splitlines() or ["failed"])[-1])
 
 
 def _cell(row: dict | None, key: str, fmt) -> str:

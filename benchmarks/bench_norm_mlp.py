@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_grpo_loss import RssPeak, allocator_peak_cpu  # noqa: E402
+from bench_grpo_loss import RssPeak, allocator_peak_cpu, run_worker  # noqa: E402
 
 DEFAULT_OUTPUT = ROOT / "benchmarks" / "results" / "norm_mlp.json"
 VARIANTS = ("hf", "fused-swiglu", "fused")
@@ -111,13 +110,10 @@ def measure(variant: str, layers: int, hidden: int, intermediate: int, batch: in
 
 def run_child(args: dict) -> dict:
     """One variant in a fresh Python process."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(args)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"variant {args['variant']} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1])
+    result, stderr = run_worker(__file__, args)
+    if result is None:
+        raise RuntimeError(f"variant {args['variant']} failed:\n{stderr[-3000:]}")
+    return result
 
 
 def format_table(rows: list[dict]) -> str:
