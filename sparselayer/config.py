@@ -37,6 +37,7 @@ class ModelConfig:
     prefix_cache_budget: str | None = None  # e.g. "2GiB": cache beyond it spills to CPU memory (pinned on CUDA)
     kernels: str = "auto"  # auto (triton on CUDA, chunked torch elsewhere) | triton | torch
     fused_layers: bool = True  # fused RMSNorm/SwiGLU in the trained layer(s) and the frozen layers above them
+    share_prompts: bool = True  # with the prefix cache: a group's prompt runs once, its completions attend to it
 
 
 @dataclass

@@ -19,7 +19,7 @@ except ImportError:  # extension not built (or hidden): use the Python twin
 
 HAVE_EXTENSION: bool = _C is not None
 
-__all__ = ["HAVE_EXTENSION", "pack_balanced", "pack_balanced_py"]
+__all__ = ["HAVE_EXTENSION", "pack_balanced", "pack_balanced_py", "pack_groups"]
 
 
 def _validate(lengths: Sequence[int], max_per_batch: int) -> tuple[list[int], int]:
@@ -65,3 +65,29 @@ def pack_balanced(lengths: Sequence[int], max_per_batch: int) -> list[list[int]]
         return pack_balanced_py(lengths, max_per_batch)
     lengths, max_per_batch = _validate(lengths, max_per_batch)
     return _C.pack_balanced(lengths, max_per_batch)
+
+
+def pack_groups(lengths: Sequence[int], group_size: int, max_per_batch: int) -> list[list[int]]:
+    """Micro-batches that keep GRPO groups (rows g*group_size .. +group_size-1) together, so a group's
+    rows can share their prompt's computation.
+
+    With max_per_batch >= group_size, whole groups are balanced by token sum (``pack_balanced`` over
+    groups, max_per_batch // group_size groups each); with fewer, each group is cut into chunks of
+    max_per_batch rows of similar length. Falls back to ``pack_balanced`` for group_size 1 or when the
+    rows are not whole groups. Each micro-batch sorted, micro-batches ordered by their first index.
+    """
+    lengths, max_per_batch = _validate(lengths, max_per_batch)
+    n = len(lengths)
+    if group_size <= 1 or n % group_size:
+        return pack_balanced(lengths, max_per_batch)
+    groups = [list(range(g, g + group_size)) for g in range(0, n, group_size)]
+    if max_per_batch >= group_size:
+        units = pack_balanced([sum(lengths[i] for i in g) for g in groups], max_per_batch // group_size)
+        batches = [sorted(i for u in unit for i in groups[u]) for unit in units]
+    else:
+        batches = []
+        for g in groups:
+            by_length = sorted(g, key=lambda i: -lengths[i])
+            batches += [sorted(by_length[c : c + max_per_batch]) for c in range(0, group_size, max_per_batch)]
+    batches.sort(key=lambda batch: batch[0])
+    return batches

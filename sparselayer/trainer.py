@@ -25,7 +25,7 @@ from .model.logprobs import completion_hidden, head_logprobs
 from .model.cache_budget import PrefixBudget
 from .model.prefix_cache import PrefixEntry, compute_prefix, hidden_from_prefix
 from .model.quant import quantize_frozen, resolve_quant
-from .packing import pack_balanced
+from .packing import pack_balanced, pack_groups
 from .rl.grpo import group_advantages, per_token_loss, tis_weights, token_weights
 from .rollout.base import Batch, RolloutEngine, Rollouts, collate
 from .rollout import build_engine
@@ -182,7 +182,10 @@ class Trainer:
         rewards = torch.tensor(self.task.rewards(texts, per_row), dtype=torch.float32)
         correct = torch.tensor([self.task.is_correct(t, e) for t, e in zip(texts, per_row)], dtype=torch.float32)
         batch = collate(rollouts, self.tokenizer.pad_token_id, self.device)
-        micro = pack_balanced(batch.lengths(), rl.micro_batch_size)
+        if self.cache_start is not None and self.config.model.share_prompts:  # groups together: shared prompts
+            micro = pack_groups(batch.lengths(), n, rl.micro_batch_size)
+        else:
+            micro = pack_balanced(batch.lengths(), rl.micro_batch_size)
         weights = token_weights(batch.completion_mask, rl.loss_type, self.max_completion_length, micro)
         adv = group_advantages(rewards, n, rl.scale_rewards).to(self.device)
         return StepBatch(batch, adv, weights, micro, rewards, correct)
@@ -191,7 +194,8 @@ class Trainer:
         """Run the frozen prefix of every micro-batch once and keep its output for all passes."""
         if self.cache_start is not None:
             budget = PrefixBudget(self.prefix_budget, self.device)  # beyond it, entries wait in CPU memory
-            sb.prefix = [budget.place(compute_prefix(self.model, sb.batch.rows(rows), self.cache_start))
+            share = self.config.model.share_prompts
+            sb.prefix = [budget.place(compute_prefix(self.model, sb.batch.rows(rows), self.cache_start, share))
                          for rows in sb.micro_batches]
             sb.prefix_budget = budget
 

@@ -12,14 +12,14 @@ from typing import Any
 
 import torch
 
-from .prefix_cache import LayerContext, PrefixEntry
+from .prefix_cache import LayerContext, PrefixEntry, SharedPrompts
 
 HOST = torch.device("cpu")
 
 
 def entry_bytes(entry: PrefixEntry) -> int:
     """Bytes held by one cached entry's activations (hidden state and layer context)."""
-    return sum(t.numel() * t.element_size() for t in _tensors((entry.hidden, entry.context)))
+    return sum(t.numel() * t.element_size() for t in _tensors((entry.hidden, entry.context, entry.shared)))
 
 
 class PrefixBudget:
@@ -51,10 +51,13 @@ def move_entry(entry: PrefixEntry, device: torch.device, pin: bool = False, non_
             return torch.empty_like(t, device=device, pin_memory=True).copy_(t)
         return t.to(device, non_blocking=non_blocking)
 
-    ctx = entry.context
-    context = LayerContext(move(ctx.position_ids), tuple(move(t) for t in ctx.position_embeddings),
-                           {k: move(v) for k, v in ctx.masks.items()})
-    return dataclasses.replace(entry, context=context, hidden=move(entry.hidden))
+    def move_context(ctx: LayerContext) -> LayerContext:
+        return LayerContext(move(ctx.position_ids), tuple(move(t) for t in ctx.position_embeddings),
+                            {k: move(v) for k, v in ctx.masks.items()})
+
+    s = entry.shared
+    shared = None if s is None else SharedPrompts(move(s.index), move_context(s.context), move(s.hidden))
+    return dataclasses.replace(entry, context=move_context(entry.context), hidden=move(entry.hidden), shared=shared)
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
@@ -63,6 +66,8 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
         return [obj]
     if isinstance(obj, LayerContext):
         return _tensors((obj.position_ids, obj.position_embeddings, obj.masks))
+    if isinstance(obj, SharedPrompts):
+        return _tensors((obj.index, obj.context, obj.hidden))
     if isinstance(obj, dict):
         obj = tuple(obj.values())
     if isinstance(obj, (tuple, list)):

@@ -1,0 +1,100 @@
+"""Shared prompts change nothing but cost: a group's prompt run once gives the same log-probs, loss and
+trained-layer gradients as every row running its own copy (float32, relative 1e-5)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import DigitShareTask
+from sparselayer.config import TrainConfig
+from sparselayer.model.logprobs import completion_logprobs
+from sparselayer.model.prefix_cache import compute_prefix, distinct_prompts, logprobs_from_prefix
+from sparselayer.packing import pack_groups
+from sparselayer.tasks.base import Example
+from sparselayer.trainer import Trainer
+
+
+class VariedPromptTask(DigitShareTask):
+    """Prompts of different lengths, so a micro-batch of two groups has left-padded prompts."""
+
+    @property
+    def train(self):
+        return [Example(p, "0") for p in ("1+2=", "12+34=", "123+45=", "7*8+90=", "5-3=", "40+2=")]
+
+
+def _trainer(model, **extra) -> Trainer:
+    """Two groups of 4 per micro-batch: arithmetic prompts of different lengths, so prompts are left-padded."""
+    cfg = TrainConfig.from_mapping({"model": str(model), "layers": "2", "prompts_per_step": 4, "num_generations": 4,
+                                    "micro_batch_size": 8, "dtype": "float32", "max_completion_length": 8,
+                                    "seed": 5, "beta": 0.04, "quant": "none", **extra})
+    return Trainer(cfg, task=VariedPromptTask())
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    return float(((a - b).norm() / b.norm().clamp(min=1e-30)).detach())
+
+
+def _padded_micro_batches(trainer: Trainer, sb) -> list:
+    subs = [sb.batch.rows(rows) for rows in sb.micro_batches]
+    prompt_lengths = {int(n) for sub in subs for n in sub.attention_mask[:, : sub.prompt_len].sum(dim=1)}
+    assert len(prompt_lengths) > 1, "the test needs left-padded prompts"
+    return subs
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("start", [1, 3])
+def test_shared_prefix_logprobs_equal_plain_forward(tiny_model, attn, start):
+    trainer = _trainer(tiny_model, attn_implementation=attn)
+    sb = trainer.rollout_batch()
+    for sub in _padded_micro_batches(trainer, sb):
+        entry = compute_prefix(trainer.model, sub, start)
+        assert entry.shared is not None and entry.shared.hidden.shape[0] == 2  # two distinct prompts of eight rows
+        plain = completion_logprobs(trainer.model, sub)
+        assert _rel(logprobs_from_prefix(trainer.model, entry, start), plain) <= 1e-5
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_prompts_same_loss_and_gradient(tiny_model, attn, checkpointing):
+    """Shared vs per-row prompts through the whole cached step: reference log-probs, loss, gradients."""
+    results = {}
+    for share in (False, True):
+        trainer = _trainer(tiny_model, attn_implementation=attn, share_prompts=share,
+                           gradient_checkpointing=checkpointing)
+        sb = trainer.rollout_batch()
+        trainer.attach_prefix(sb)
+        assert all((e.shared is not None) == share for e in sb.prefix)
+        ref = sb.ref_logp = trainer._logprobs_no_grad(sb)
+        stats = trainer.accumulate_gradients(sb)
+        results[share] = (ref, stats["loss"], {n: p.grad.clone() for n, p in trainer.trained.items()})
+    (ref0, loss0, grads0), (ref1, loss1, grads1) = results[False], results[True]
+    assert _rel(ref1, ref0) <= 1e-5
+    assert loss1 == pytest.approx(loss0, rel=1e-5)
+    for name, plain in grads0.items():
+        assert plain.norm() > 0
+        assert _rel(grads1[name], plain) <= 1e-5, name
+
+
+def test_no_sharing_without_repeated_prompts(tiny_model):
+    trainer = _trainer(tiny_model)
+    sb = trainer.rollout_batch()
+    rows = [0, 4, 8, 12]  # one row of each group: four distinct prompts
+    sub = sb.batch.rows(rows)
+    assert distinct_prompts(sub) is None
+    assert compute_prefix(trainer.model, sub, 2).shared is None
+    index, first = distinct_prompts(sb.batch.rows(list(range(8))))
+    assert index.tolist() == [index[0]] * 4 + [index[4]] * 4 and index[0] != index[4]
+    assert sorted(first.tolist()) == [0, 4]
+
+
+def test_pack_groups_keeps_groups_together():
+    lengths = [5, 9, 7, 7, 3, 3, 4, 4, 8, 1, 1, 1]
+    batches = pack_groups(lengths, 4, 8)  # three groups of four, two per micro-batch at most
+    assert sorted(i for b in batches for i in b) == list(range(12))
+    assert all(len(b) <= 8 for b in batches) and len(batches) == 2
+    assert all({i // 4 for i in b} and all(sum(j // 4 == g for j in b) == 4 for g in {i // 4 for i in b})
+               for b in batches)
+    chunks = pack_groups(lengths, 4, 2)  # groups cut into chunks of two rows of similar length
+    assert sorted(chunks) == [[0, 3], [1, 2], [4, 5], [6, 7], [8, 9], [10, 11]]
+    assert pack_groups(lengths, 5, 4) == pack_groups(lengths, 1, 4)  # not whole groups: balanced rows
