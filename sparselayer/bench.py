@@ -29,9 +29,12 @@ from .tasks.base import Example, Task
 
 PRESETS = {
     "default": dict(num_layers=24, hidden=512, intermediate=1536, vocab=32768, heads=8, kv_heads=4, layer=12),
+    # full-parameter AdamW on 8B (weights, grads, two moments, a reference copy: over 100 GB) fits no
+    # single GPU, so this preset measures the layer-sparse step alone unless --variants says otherwise
     "qwen3-8b": dict(num_layers=36, hidden=4096, intermediate=12288, vocab=151936, heads=32, kv_heads=8, layer=16,
-                     quant="nf4"),
+                     quant="nf4", variants="sparse"),
 }
+VARIANTS = ("full", "sparse")
 
 
 @dataclass
@@ -57,6 +60,7 @@ class StepBenchConfig:
     dtype: str = "auto"
     device: str = "auto"
     quant: str = "none"  # frozen layers of the sparse variant: none | nf4 | int8 (the full variant has none)
+    variants: str = "full,sparse"  # which to run; the ratios need both
 
 
 class SyntheticEngine(RolloutEngine):
@@ -113,7 +117,11 @@ def build_random_model(cfg: StepBenchConfig, folder: Path) -> Path:
                          num_key_value_heads=cfg.kv_heads, head_dim=cfg.hidden // cfg.heads,
                          max_position_embeddings=cfg.prompt_len + cfg.completion_len + 8, tie_word_embeddings=False,
                          eos_token_id=1, pad_token_id=0, bos_token_id=None)
-    Qwen3ForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    model = Qwen3ForCausalLM(config)
+    if sum(p.numel() for p in model.parameters()) > 1e9:  # 8B-shaped: bfloat16 on disk (half the size)
+        model = model.to(torch.bfloat16)
+    model.save_pretrained(folder, safe_serialization=True)
+    del model
     build_tokenizer().save_pretrained(folder)
     return folder
 
@@ -213,22 +221,38 @@ def run_variant(cfg: StepBenchConfig, model: Path, variant: str) -> dict[str, An
             "device": str(trainer.device), "quant": trainer.quant}
 
 
+def parse_variants(text: str) -> list[str]:
+    """'full,sparse' -> ['full', 'sparse'] (in that order); ConfigError for anything else."""
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    if not names or any(v not in VARIANTS for v in names):
+        raise ConfigError(f"bench step: --variants takes full, sparse or full,sparse, got {text!r}")
+    return [v for v in VARIANTS if v in names]
+
+
 def bench_step(cfg: StepBenchConfig, output: Path | None = None) -> dict[str, Any]:
-    """Run both variants, each in a fresh subprocess; return (and write) the table with ratios."""
+    """Run the variants, each in a fresh subprocess; return (and write) the table, with ratios when both ran."""
     if cfg.quant not in ("none", "nf4", "int8"):
         raise ConfigError(f"bench step: --quant must be none, nf4 or int8, got {cfg.quant!r}")
+    variants = parse_variants(cfg.variants)
     with tempfile.TemporaryDirectory(prefix="sparselayer-bench-") as tmp:
         model = build_random_model(cfg, Path(tmp) / "model")
-        rows = [_run_in_subprocess(cfg, model, v) for v in ("full", "sparse")]
-    full, sparse = rows
+        rows = [_run_in_subprocess(cfg, model, v) for v in variants]
+    by_name = {r["variant"]: r for r in rows}
+    both = len(by_name) == 2
     result = {"config": asdict(cfg), "results": rows,
-              "speedup": full["step_time_s"] / sparse["step_time_s"],
-              "peak_mem_ratio": sparse["peak_mem_bytes"] / full["peak_mem_bytes"],
-              "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "threads": torch.get_num_threads()}
+              "speedup": by_name["full"]["step_time_s"] / by_name["sparse"]["step_time_s"] if both else None,
+              "peak_mem_ratio": by_name["sparse"]["peak_mem_bytes"] / by_name["full"]["peak_mem_bytes"] if both else None,
+              "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "device_name": _device_name(rows[0]["device"])}
     if output:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _device_name(device: str) -> str:
+    """The accelerator's name (CUDA) or 'cpu', for the results file."""
+    return torch.cuda.get_device_name(0) if device.startswith("cuda") and torch.cuda.is_available() else "cpu"
 
 
 def _run_in_subprocess(cfg: StepBenchConfig, model: Path, variant: str) -> dict[str, Any]:
@@ -251,6 +275,7 @@ def format_table(result: dict[str, Any]) -> str:
         cells = [f"{r[k] / 2**20:>16.0f}MB" if k == "peak_mem_bytes" else f"{r[k]:>18.3f}" if isinstance(r[k], float)
                  else f"{r[k]:>18}" for k in keys]
         lines.append(f"{r['variant']:<8}" + "".join(cells))
-    lines.append(f"speedup (full / sparse step time): {result['speedup']:.2f}x; "
-                 f"peak memory sparse / full: {result['peak_mem_ratio']:.1%}")
+    if result["speedup"] is not None:
+        lines.append(f"speedup (full / sparse step time): {result['speedup']:.2f}x; "
+                     f"peak memory sparse / full: {result['peak_mem_ratio']:.1%}")
     return "\n".join(lines)

@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     step = bench.add_parser("step", help="full-parameter GRPO step vs the layer-sparse step, same model and batch")
     step.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                      help="model shape: default (24 layers, hidden 512, vocab 32768) or qwen3-8b")
+                      help="model shape: default (24 layers, hidden 512, vocab 32768) or qwen3-8b (36 layers, hidden 4096, "
+                           "vocab 151936, layer 16, nf4, sparse variant only)")
     for f in dataclasses.fields(StepBenchConfig):
         step.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
                           type=type(f.default), help=f"default: {f.default} (or the preset's)")

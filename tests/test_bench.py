@@ -27,3 +27,18 @@ def test_bench_step_compares_full_and_sparse(tmp_path):
 def test_bench_cli_rejects_bad_layer(capsys):
     assert main(["bench", "step", "--num-layers", "4", "--layer", "9"]) == 2
     assert "within the model's layers" in capsys.readouterr().err
+
+
+def test_bench_step_one_variant(tmp_path):
+    """--variants sparse (the 8B preset's default: full-parameter 8B fits no single GPU) runs it alone."""
+    result = bench_step(StepBenchConfig(**TINY, variants="sparse"), tmp_path / "step.json")
+    assert [r["variant"] for r in result["results"]] == ["sparse"]
+    assert result["speedup"] is None and result["peak_mem_ratio"] is None
+    assert result["results"][0]["peak_mem_bytes"] > 0 and result["device_name"] == "cpu"
+    assert "speedup" not in format_table(result)
+
+
+def test_bench_cli_rejects_bad_variants(capsys, tmp_path):
+    assert main(["bench", "step", "--variants", "fast", "--output", str(tmp_path / "x.json")]) == 2
+    assert "--variants takes full, sparse" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
