@@ -34,7 +34,8 @@ PRESETS = {
     "qwen3-8b": dict(num_layers=36, hidden=4096, intermediate=12288, vocab=151936, heads=32, kv_heads=8, layer=16,
                      quant="nf4", variants="sparse"),
 }
-VARIANTS = ("full", "sparse")
+# sparse-no-share: the layer-sparse step with --no-share-prompts, to show what sharing a group's prompt adds
+VARIANTS = ("full", "sparse", "sparse-no-share")
 
 
 @dataclass
@@ -60,7 +61,7 @@ class StepBenchConfig:
     dtype: str = "auto"
     device: str = "auto"
     quant: str = "none"  # frozen layers of the sparse variant: none | nf4 | int8 (the full variant has none)
-    variants: str = "full,sparse"  # which to run; the ratios need both
+    variants: str = "full,sparse"  # which to run (of full, sparse, sparse-no-share); the ratios need full and sparse
 
 
 class SyntheticEngine(RolloutEngine):
@@ -126,13 +127,13 @@ def build_random_model(cfg: StepBenchConfig, folder: Path) -> Path:
     return folder
 
 
-def _train_config(cfg: StepBenchConfig, model: Path, layers: str) -> TrainConfig:
+def _train_config(cfg: StepBenchConfig, model: Path, layers: str, share_prompts: bool = True) -> TrainConfig:
     return TrainConfig.from_mapping({
         "model": str(model), "layers": layers, "prompts_per_step": cfg.prompts, "num_generations": cfg.generations,
         "num_iterations": cfg.num_iterations, "beta": cfg.beta, "micro_batch_size": cfg.micro_batch_size,
         "max_completion_length": cfg.completion_len, "seed": cfg.seed, "dtype": cfg.dtype, "device": cfg.device,
         "learning_rate": 1e-5, "loss_type": "grpo", "quant": "none" if layers == "all" else cfg.quant,
-        "fused_layers": layers != "all"})  # the baseline runs stock transformers modules, as TRL would
+        "fused_layers": layers != "all", "share_prompts": share_prompts})  # the baseline runs stock transformers modules, as TRL would
 
 
 class StandardGRPOStep:
@@ -196,12 +197,12 @@ class StandardGRPOStep:
 
 
 def run_variant(cfg: StepBenchConfig, model: Path, variant: str) -> dict[str, Any]:
-    """Time `cfg.steps` steps (after a warm-up) of one variant: 'full' or 'sparse'."""
+    """Time `cfg.steps` steps (after a warm-up) of one variant: 'full', 'sparse' or 'sparse-no-share'."""
     from .trainer import Trainer
 
     torch.manual_seed(cfg.seed)
     layers = "all" if variant == "full" else str(cfg.layer)
-    trainer = Trainer(_train_config(cfg, model, layers), task=RandomRewardTask(),
+    trainer = Trainer(_train_config(cfg, model, layers, variant != "sparse-no-share"), task=RandomRewardTask(),
                       engine=SyntheticEngine(cfg.vocab, cfg.prompt_len, cfg.completion_len))
     runner = StandardGRPOStep(trainer) if variant == "full" else trainer
     phase_keys = ("rollout_s", "reward_s", "logprob_s", "train_s", "push_s")
@@ -225,7 +226,7 @@ def parse_variants(text: str) -> list[str]:
     """'full,sparse' -> ['full', 'sparse'] (in that order); ConfigError for anything else."""
     names = [v.strip() for v in text.split(",") if v.strip()]
     if not names or any(v not in VARIANTS for v in names):
-        raise ConfigError(f"bench step: --variants takes full, sparse or full,sparse, got {text!r}")
+        raise ConfigError(f"bench step: --variants takes full, sparse, sparse-no-share or a comma list, got {text!r}")
     return [v for v in VARIANTS if v in names]
 
 
@@ -238,12 +239,14 @@ def bench_step(cfg: StepBenchConfig, output: Path | None = None) -> dict[str, An
         model = build_random_model(cfg, Path(tmp) / "model")
         rows = [_run_in_subprocess(cfg, model, v) for v in variants]
     by_name = {r["variant"]: r for r in rows}
-    both = len(by_name) == 2
+    both = "full" in by_name and "sparse" in by_name
     result = {"config": asdict(cfg), "results": rows,
               "speedup": by_name["full"]["step_time_s"] / by_name["sparse"]["step_time_s"] if both else None,
               "peak_mem_ratio": by_name["sparse"]["peak_mem_bytes"] / by_name["full"]["peak_mem_bytes"] if both else None,
               "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "device_name": _device_name(rows[0]["device"])}
+    if "sparse" in by_name and "sparse-no-share" in by_name:  # what sharing a group's prompt saves
+        result["shared_prompts_speedup"] = by_name["sparse-no-share"]["step_time_s"] / by_name["sparse"]["step_time_s"]
     if output:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(result, indent=2) + "\n")
@@ -270,12 +273,14 @@ def _run_in_subprocess(cfg: StepBenchConfig, model: Path, variant: str) -> dict[
 def format_table(result: dict[str, Any]) -> str:
     """A plain-text table of both variants and the ratios."""
     keys = ("step_time_s", "tokens_per_s", "peak_mem_bytes", "logprob_s", "train_s", "trainable_params")
-    lines = [f"{'variant':<8}" + "".join(f"{k:>18}" for k in keys)]
+    lines = [f"{'variant':<16}" + "".join(f"{k:>18}" for k in keys)]
     for r in result["results"]:
         cells = [f"{r[k] / 2**20:>16.0f}MB" if k == "peak_mem_bytes" else f"{r[k]:>18.3f}" if isinstance(r[k], float)
                  else f"{r[k]:>18}" for k in keys]
-        lines.append(f"{r['variant']:<8}" + "".join(cells))
+        lines.append(f"{r['variant']:<16}" + "".join(cells))
     if result["speedup"] is not None:
         lines.append(f"speedup (full / sparse step time): {result['speedup']:.2f}x; "
                      f"peak memory sparse / full: {result['peak_mem_ratio']:.1%}")
+    if "shared_prompts_speedup" in result:
+        lines.append(f"shared prompts (sparse-no-share / sparse step time): {result['shared_prompts_speedup']:.2f}x")
     return "\n".join(lines)

@@ -40,5 +40,14 @@ def test_bench_step_one_variant(tmp_path):
 
 def test_bench_cli_rejects_bad_variants(capsys, tmp_path):
     assert main(["bench", "step", "--variants", "fast", "--output", str(tmp_path / "x.json")]) == 2
-    assert "--variants takes full, sparse" in capsys.readouterr().err
+    assert "--variants takes full, sparse, sparse-no-share" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_bench_step_sparse_without_shared_prompts(tmp_path):
+    result = bench_step(StepBenchConfig(**TINY, variants="sparse-no-share,sparse"), tmp_path / "step.json")
+    assert [r["variant"] for r in result["results"]] == ["sparse", "sparse-no-share"]
+    no_share, share = result["results"][1], result["results"][0]
+    assert result["shared_prompts_speedup"] == no_share["step_time_s"] / share["step_time_s"]
+    assert no_share["trainable_params"] == share["trainable_params"]
+    assert "shared prompts" in format_table(result)
