@@ -2,8 +2,10 @@
 the model is bf16/fp16.
 
 A bf16 weight keeps 8 bits of mantissa: an update smaller than about 1/256 of the weight rounds back to
-the same value and is lost. With master weights the optimizer steps fp32 copies (its gradients are the
-model's, upcast) and writes them back rounded, so small updates accumulate in the copy until they show.
+the same value and is lost. With master weights the optimizer steps fp32 copies and writes them back
+rounded, so small updates accumulate in the copy until they show. Gradients are summed in fp32 too:
+after each backward a hook moves the parameter's bf16 gradient onto its master's fp32 `.grad` (and
+frees it), so micro-batch gradients never add up in bf16. Clip and read them with `grad_tensors`.
 """
 from __future__ import annotations
 
@@ -25,13 +27,27 @@ class MasterWeights:
         self.model_params = [p for g in groups for p in g["params"]]
         self.masters = [p.detach().float().clone() for p in self.model_params]
         lookup = {id(p): m for p, m in zip(self.model_params, self.masters)}
+        self._master_of = lookup
         super().__init__([{**g, "params": [lookup[id(p)] for p in g["params"]]} for g in groups], **kwargs)
+        for p in self.model_params:
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(self._fold_grad)
+
+    @torch.no_grad()
+    def _fold_grad(self, p: torch.Tensor) -> None:
+        """Add the parameter's fresh gradient to its master's fp32 gradient and free the low-precision one."""
+        if p.grad is None:
+            return
+        m = self._master_of[id(p)]
+        g = p.grad.float()
+        m.grad = g if m.grad is None else m.grad.add_(g)
+        p.grad = None
 
     @torch.no_grad()
     def step(self, closure=None):
-        """Upcast the model's gradients onto the masters, step them, write the masters back."""
-        for p, m in zip(self.model_params, self.masters):
-            m.grad = None if p.grad is None else p.grad.float()
+        """Fold any gradient set by hand onto the masters, step them, write the masters back."""
+        for p in self.model_params:
+            self._fold_grad(p)
         loss = super().step(closure)
         for p, m in zip(self.model_params, self.masters):
             p.copy_(m)
@@ -62,6 +78,12 @@ class MasterWeights:
             m.copy_(saved[i] if saved is not None else p.float())
             p.copy_(m)
         super().load_state_dict(state_dict)
+
+
+def grad_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The tensors whose `.grad` the optimizer steps: the fp32 masters with master weights, else the
+    parameters themselves (what gradient clipping and a gradient norm must look at)."""
+    return [p for g in optimizer.param_groups for p in g["params"]]
 
 
 class MasterAdamW(MasterWeights, torch.optim.AdamW):

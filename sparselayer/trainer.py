@@ -17,7 +17,7 @@ import torch
 from .config import TrainConfig
 from .errors import ConfigError
 from .memory import peak_bytes, reset_peak
-from .optim import build_optimizer
+from .optim import build_optimizer, grad_tensors
 from .model.layout import decoder_layers, freeze_except, layers_label, load_model, parse_layers
 from .kernels import grpo_loss, logprobs
 from .kernels.patch import resolve_kernels, use_fused_kernels
@@ -247,14 +247,15 @@ class Trainer:
         """One pass over the rollout batch: accumulate gradients over micro-batches, then one optimizer step."""
         self.optimizer.zero_grad(set_to_none=True)
         stats = self.accumulate_gradients(sb, iteration)
-        stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(list(self.trained.values()),
+        stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(grad_tensors(self.optimizer),
                                                                    self.config.rl.max_grad_norm))
         self.optimizer.step()
         self.scheduler.step()
         return stats
 
     def accumulate_gradients(self, sb: StepBatch, iteration: int = 0) -> dict[str, float]:
-        """Add d(batch loss)/d(trained params) to .grad, one micro-batch at a time.
+        """Add d(batch loss)/d(trained params) to .grad, one micro-batch at a time (for a bf16/fp16 model,
+        to the fp32 masters' .grad: see `sparselayer.optim.grad_tensors`).
 
         In the first pass the policy has not moved, so its log-probs are the old-policy log-probs:
         they are stored for later passes and no separate old-policy pass is needed.

@@ -10,7 +10,7 @@ import torch
 
 from helpers import DigitShareTask
 from sparselayer.config import TrainConfig
-from sparselayer.optim import MasterAdamW, MasterWeights, build_optimizer
+from sparselayer.optim import MasterAdamW, MasterWeights, build_optimizer, grad_tensors
 from sparselayer.runs import RunDir
 from sparselayer.train import restore_checkpoint, save_checkpoint
 from sparselayer.trainer import Trainer
@@ -44,6 +44,32 @@ def test_master_weights_keep_updates_that_bf16_rounds_away():
     assert torch.allclose(master, torch.full_like(master, 1 - 100 * 1e-4), atol=2e-4)
     assert torch.equal(param.detach(), master.to(torch.bfloat16)), "the bf16 weight is the rounded master"
     assert float(param.detach()[0]) < 1.0
+
+
+def test_micro_batch_gradients_are_summed_in_fp32():
+    """Eight backward passes into a bf16 weight: the master's .grad is the fp32 sum of the eight bf16
+    gradients (bit for bit), the bf16 .grad is freed, and clipping sees the fp32 sum."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 16, bias=False).to(torch.bfloat16)
+    optimizer = build_optimizer([layer.weight], _config())
+    inputs = [torch.randn(4, 16, dtype=torch.bfloat16) for _ in range(8)]
+    singles = [torch.autograd.grad(layer(x).float().pow(2).sum(), layer.weight)[0] for x in inputs]
+    want = torch.zeros(16, 16)
+    for g in singles:
+        want += g.float()
+    in_bf16 = torch.stack(singles).sum(0, dtype=torch.bfloat16)
+    for x in inputs:
+        layer(x).float().pow(2).sum().backward()
+    master = optimizer.masters[0]
+    assert layer.weight.grad is None and master.grad.dtype == torch.float32
+    assert torch.equal(master.grad, want)
+    assert not torch.equal(in_bf16.float(), want), "the check needs a sum that bf16 rounds"
+    assert grad_tensors(optimizer) == [master]
+    norm = torch.nn.utils.clip_grad_norm_(grad_tensors(optimizer), 1.0)
+    assert float(norm) == pytest.approx(float(want.norm()), rel=1e-6)
+    before = master.clone()
+    optimizer.step()
+    assert not torch.equal(master, before) and torch.equal(layer.weight.detach(), master.to(torch.bfloat16))
 
 
 def test_fp32_parameters_get_plain_adamw_and_groups_keep_their_lr():
