@@ -10,6 +10,7 @@ from sparselayer.config import TrainConfig
 from sparselayer.model.logprobs import completion_logprobs
 from sparselayer.model.prefix_cache import compute_prefix, distinct_prompts, logprobs_from_prefix
 from sparselayer.packing import pack_groups
+from sparselayer.rollout.base import Batch
 from sparselayer.tasks.base import Example
 from sparselayer.trainer import Trainer
 
@@ -74,6 +75,24 @@ def test_shared_prompts_same_loss_and_gradient(tiny_model, attn, checkpointing):
     for name, plain in grads0.items():
         assert plain.norm() > 0
         assert _rel(grads1[name], plain) <= 1e-5, name
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prefix_without_padding(tiny_model, attn):
+    """No padding at all: sdpa gets no mask from transformers (causal skip), so the completion rows'
+    mask over prompt + completion keys is built here; it must match the plain forward too."""
+    trainer = _trainer(tiny_model, attn_implementation=attn)
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(3, 20, (2, 5), generator=g).repeat_interleave(3, 0)
+    ids = torch.cat([prompt, torch.randint(3, 20, (6, 6), generator=g)], dim=1)
+    ones = torch.ones_like(ids)
+    batch = Batch(ids, ones, ones[:, 5:], 5)
+    entry = compute_prefix(trainer.model, batch, 2)
+    assert entry.shared is not None and entry.shared.hidden.shape[0] == 2
+    if attn == "sdpa":
+        assert entry.shared.context.masks["full_attention"] is None
+    plain = completion_logprobs(trainer.model, batch)
+    assert _rel(logprobs_from_prefix(trainer.model, entry, 2), plain) <= 1e-5
 
 
 def test_no_sharing_without_repeated_prompts(tiny_model):

@@ -100,7 +100,7 @@ def _shareable(model: nn.Module, ctx: LayerContext) -> bool:
     return impl in ("sdpa", "eager") and all(m is None or m.dim() == 4 for m in ctx.masks.values())
 
 
-def _completion_mask(mask: torch.Tensor | None, P: int, C: int, eager: bool) -> torch.Tensor:
+def _completion_mask(mask: torch.Tensor | None, P: int, C: int, eager: bool, dtype: torch.dtype) -> torch.Tensor:
     """Rows P.. of the full-sequence mask (completion queries over all keys); built when it is None
     (sdpa's unpadded causal case), as a boolean mask, or additive for eager attention."""
     if mask is not None:
@@ -108,7 +108,7 @@ def _completion_mask(mask: torch.Tensor | None, P: int, C: int, eager: bool) -> 
     allowed = torch.ones(C, P + C, dtype=torch.bool).tril(diagonal=P)[None, None]
     if not eager:
         return allowed
-    return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def split_context(model: nn.Module, ctx: LayerContext, P: int, first: torch.Tensor) -> tuple[LayerContext, LayerContext]:
@@ -120,7 +120,7 @@ def split_context(model: nn.Module, ctx: LayerContext, P: int, first: torch.Tens
     prompt = LayerContext(ctx.position_ids[first, :P], (cos[first, :P], sin[first, :P]),
                           {k: None if m is None else m[first, :, :P, :P] for k, m in ctx.masks.items()})
     completion = LayerContext(ctx.position_ids[:, P:], (cos[:, P:], sin[:, P:]),
-                              {k: _completion_mask(m, P, C, eager).to(dev) for k, m in ctx.masks.items()})
+                              {k: _completion_mask(m, P, C, eager, cos.dtype).to(dev) for k, m in ctx.masks.items()})
     return prompt, completion
 
 
