@@ -34,7 +34,7 @@ PRESETS = {
     "qwen3-8b": dict(num_layers=36, hidden=4096, intermediate=12288, vocab=151936, heads=32, kv_heads=8, layer=16,
                      quant="nf4", variants="sparse"),
 }
-# sparse-no-share: the layer-sparse step with --no-share-prompts, to show what sharing a group's prompt adds
+# sparse-no-share: the layer-sparse step with --share-prompts off, to show what sharing a group's prompt adds
 VARIANTS = ("full", "sparse", "sparse-no-share")
 
 
@@ -127,7 +127,7 @@ def build_random_model(cfg: StepBenchConfig, folder: Path) -> Path:
     return folder
 
 
-def _train_config(cfg: StepBenchConfig, model: Path, layers: str, share_prompts: bool = True) -> TrainConfig:
+def _train_config(cfg: StepBenchConfig, model: Path, layers: str, share_prompts: str = "auto") -> TrainConfig:
     return TrainConfig.from_mapping({
         "model": str(model), "layers": layers, "prompts_per_step": cfg.prompts, "num_generations": cfg.generations,
         "num_iterations": cfg.num_iterations, "beta": cfg.beta, "micro_batch_size": cfg.micro_batch_size,
@@ -202,7 +202,8 @@ def run_variant(cfg: StepBenchConfig, model: Path, variant: str) -> dict[str, An
 
     torch.manual_seed(cfg.seed)
     layers = "all" if variant == "full" else str(cfg.layer)
-    trainer = Trainer(_train_config(cfg, model, layers, variant != "sparse-no-share"), task=RandomRewardTask(),
+    share = "off" if variant == "sparse-no-share" else "auto"
+    trainer = Trainer(_train_config(cfg, model, layers, share), task=RandomRewardTask(),
                       engine=SyntheticEngine(cfg.vocab, cfg.prompt_len, cfg.completion_len))
     runner = StandardGRPOStep(trainer) if variant == "full" else trainer
     phase_keys = ("rollout_s", "reward_s", "logprob_s", "train_s", "push_s")

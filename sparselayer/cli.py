@@ -32,8 +32,8 @@ HELP = {
     "micro_batch_size": "sequences per forward/backward; micro-batches balanced by token count",
     "quant": "frozen decoder layers: nf4 | int8 (bitsandbytes) | none; auto: nf4 on CUDA, none on CPU",
     "optim": "adamw | adamw8bit (bitsandbytes); fp32 master weights when the model is bf16/fp16",
-    "share_prompts": "run each group's shared prompt once per layer (prefix-cache path, sdpa/eager attention); "
-                     "micro-batches hold whole groups",
+    "share_prompts": "auto | on | off: run each group's prompt once per layer (prefix-cache path, sdpa/eager "
+                     "attention; micro-batches hold whole groups); auto: where it saves enough work to pay",
     "prefix_cache_budget": "device bytes for the frozen-prefix cache (512MiB, 2GiB, 1e9); the rest waits in CPU memory",
     "max_completion_length": "default: the task's suggestion (8 for arithmetic, 256 for datasets)",
     "rollout": "auto (vLLM in-process when importable and it can serve the model, else hf) | vllm | hf",

@@ -37,7 +37,7 @@ class ModelConfig:
     prefix_cache_budget: str | None = None  # e.g. "2GiB": cache beyond it spills to CPU memory (pinned on CUDA)
     kernels: str = "auto"  # auto (triton on CUDA, chunked torch elsewhere) | triton | torch
     fused_layers: bool = True  # fused RMSNorm/SwiGLU in the trained layer(s) and the frozen layers above them
-    share_prompts: bool = True  # with the prefix cache: a group's prompt runs once, its completions attend to it
+    share_prompts: str = "auto"  # prefix-cache path: a group's prompt runs once | auto (when it saves enough) | on | off
 
 
 @dataclass
@@ -180,6 +180,7 @@ class TrainConfig:
         if self.model.prefix_cache_budget is not None:
             parse_size(self.model.prefix_cache_budget)
         _choice("--kernels", self.model.kernels, ("auto", "triton", "torch"))
+        _choice("--share-prompts", self.model.share_prompts, ("auto", "on", "off"))
         _choice("--optim", rl.optim, ("adamw", "adamw8bit"))
         if (rl.boost_layers is None) != (rl.boost_lr is None):
             raise ConfigError("--boost-layers and --boost-lr go together: give both or neither")
@@ -228,6 +229,8 @@ def _coerce(section: str, key: str, value: Any) -> Any:
         raise ConfigError(f"setting {key!r} cannot be empty")
     if key == "scale_rewards" and isinstance(value, (bool, str)):
         return {"true": "group", "false": "none", "on": "group", "off": "none"}.get(str(value).lower(), str(value))
+    if key == "share_prompts" and isinstance(value, bool):  # YAML reads on/off as booleans
+        return "on" if value else "off"
     if key == "layers":
         return str(value)
     try:

@@ -182,7 +182,7 @@ class Trainer:
         rewards = torch.tensor(self.task.rewards(texts, per_row), dtype=torch.float32)
         correct = torch.tensor([self.task.is_correct(t, e) for t, e in zip(texts, per_row)], dtype=torch.float32)
         batch = collate(rollouts, self.tokenizer.pad_token_id, self.device)
-        if self.cache_start is not None and self.config.model.share_prompts:  # groups together: shared prompts
+        if self.cache_start is not None and self.config.model.share_prompts != "off":  # groups together
             micro = pack_groups(batch.lengths(), n, rl.micro_batch_size)
         else:
             micro = pack_balanced(batch.lengths(), rl.micro_batch_size)

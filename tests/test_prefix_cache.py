@@ -56,7 +56,7 @@ def test_cached_step_gives_same_loss_and_gradient(tiny_model):
 def test_prefix_runs_once_per_rollout_batch(tiny_model):
     """With beta > 0 and two optimization passes, the layers below the trained one run once per micro-batch."""
     calls = {}
-    for cache, share in ((True, False), (True, True), (False, False)):
+    for cache, share in ((True, "off"), (True, "on"), (False, "off")):
         trainer = _trainer(tiny_model, layers="2", num_iterations=2, prefix_cache=cache, share_prompts=share)
         state = {"count": 0, "sampling": False}
         trainer.model.model.layers[0].register_forward_hook(
@@ -72,7 +72,7 @@ def test_prefix_runs_once_per_rollout_batch(tiny_model):
 
         trainer.engine.generate = counted_generate
         trainer.step()
-        calls[cache, share] = (state["count"], len(trainer.rollout_batch().micro_batches))
+        calls[cache, share == "on"] = (state["count"], len(trainer.rollout_batch().micro_batches))
     count, micro = calls[True, False]
     assert count == micro == -(-16 // 5)
     count, micro = calls[True, True]  # whole groups of 4 per micro-batch: a prompt call and a completion call

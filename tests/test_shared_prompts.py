@@ -8,7 +8,8 @@ import torch
 from helpers import DigitShareTask
 from sparselayer.config import TrainConfig
 from sparselayer.model.logprobs import completion_logprobs
-from sparselayer.model.prefix_cache import compute_prefix, distinct_prompts, logprobs_from_prefix
+from sparselayer.errors import ConfigError
+from sparselayer.model.prefix_cache import SHARE_MIN_FLOPS, compute_prefix, distinct_prompts, logprobs_from_prefix
 from sparselayer.packing import pack_groups
 from sparselayer.rollout.base import Batch
 from sparselayer.tasks.base import Example
@@ -27,7 +28,7 @@ def _trainer(model, **extra) -> Trainer:
     """Two groups of 4 per micro-batch: arithmetic prompts of different lengths, so prompts are left-padded."""
     cfg = TrainConfig.from_mapping({"model": str(model), "layers": "2", "prompts_per_step": 4, "num_generations": 4,
                                     "micro_batch_size": 8, "dtype": "float32", "max_completion_length": 8,
-                                    "seed": 5, "beta": 0.04, "quant": "none", **extra})
+                                    "seed": 5, "beta": 0.04, "quant": "none", "share_prompts": "on", **extra})
     return Trainer(cfg, task=VariedPromptTask())
 
 
@@ -49,7 +50,7 @@ def test_shared_prefix_logprobs_equal_plain_forward(tiny_model, attn, start):
     trainer = _trainer(tiny_model, attn_implementation=attn)
     sb = trainer.rollout_batch()
     for sub in _padded_micro_batches(trainer, sb):
-        entry = compute_prefix(trainer.model, sub, start)
+        entry = compute_prefix(trainer.model, sub, start, "on")
         assert entry.shared is not None and entry.shared.hidden.shape[0] == 2  # two distinct prompts of eight rows
         plain = completion_logprobs(trainer.model, sub)
         assert _rel(logprobs_from_prefix(trainer.model, entry, start), plain) <= 1e-5
@@ -61,7 +62,7 @@ def test_shared_prompts_same_loss_and_gradient(tiny_model, attn, checkpointing):
     """Shared vs per-row prompts through the whole cached step: reference log-probs, loss, gradients."""
     results = {}
     for share in (False, True):
-        trainer = _trainer(tiny_model, attn_implementation=attn, share_prompts=share,
+        trainer = _trainer(tiny_model, attn_implementation=attn, share_prompts="on" if share else "off",
                            gradient_checkpointing=checkpointing)
         sb = trainer.rollout_batch()
         trainer.attach_prefix(sb)
@@ -87,12 +88,39 @@ def test_shared_prefix_without_padding(tiny_model, attn):
     ids = torch.cat([prompt, torch.randint(3, 20, (6, 6), generator=g)], dim=1)
     ones = torch.ones_like(ids)
     batch = Batch(ids, ones, ones[:, 5:], 5)
-    entry = compute_prefix(trainer.model, batch, 2)
+    entry = compute_prefix(trainer.model, batch, 2, "on")
     assert entry.shared is not None and entry.shared.hidden.shape[0] == 2
     if attn == "sdpa":
         assert entry.shared.context.masks["full_attention"] is None
     plain = completion_logprobs(trainer.model, batch)
     assert _rel(logprobs_from_prefix(trainer.model, entry, 2), plain) <= 1e-5
+
+
+def test_auto_shares_only_where_it_pays(tiny_model, monkeypatch):
+    """auto: the tiny model's saved work (6 rows x prompt x 2 x layer params) is far below the CPU
+    threshold, so it runs per-row prompts; with the threshold at that figure it shares."""
+    trainer = _trainer(tiny_model, share_prompts="auto")
+    sb = trainer.rollout_batch()
+    sub = sb.batch.rows(sb.micro_batches[0])
+    layer_params = sum(p.numel() for p in trainer.model.model.layers[2].parameters())
+    saved = (sub.input_ids.shape[0] - 2) * sub.prompt_len * 2 * layer_params
+    assert saved < SHARE_MIN_FLOPS["cpu"]
+    assert compute_prefix(trainer.model, sub, 2, "auto").shared is None
+    monkeypatch.setitem(SHARE_MIN_FLOPS, "cpu", saved)
+    assert compute_prefix(trainer.model, sub, 2, "auto").shared is not None
+    monkeypatch.setitem(SHARE_MIN_FLOPS, "cpu", saved + 1)
+    assert compute_prefix(trainer.model, sub, 2, "auto").shared is None
+    assert compute_prefix(trainer.model, sub, 2, "off").shared is None
+    with pytest.raises(ValueError, match="auto, on or off"):
+        compute_prefix(trainer.model, sub, 2, "yes")
+
+
+def test_share_prompts_setting():
+    assert TrainConfig.from_mapping({"share_prompts": True}).model.share_prompts == "on"  # YAML's on
+    assert TrainConfig.from_mapping({"share_prompts": False}).model.share_prompts == "off"
+    assert TrainConfig().model.share_prompts == "auto"
+    with pytest.raises(ConfigError, match="--share-prompts"):
+        TrainConfig.from_mapping({"share_prompts": "sometimes"}).validate()
 
 
 def test_no_sharing_without_repeated_prompts(tiny_model):
@@ -101,7 +129,7 @@ def test_no_sharing_without_repeated_prompts(tiny_model):
     rows = [0, 4, 8, 12]  # one row of each group: four distinct prompts
     sub = sb.batch.rows(rows)
     assert distinct_prompts(sub) is None
-    assert compute_prefix(trainer.model, sub, 2).shared is None
+    assert compute_prefix(trainer.model, sub, 2, "on").shared is None
     index, first = distinct_prompts(sb.batch.rows(list(range(8))))
     assert index.tolist() == [index[0]] * 4 + [index[4]] * 4 and index[0] != index[4]
     assert sorted(first.tolist()) == [0, 4]

@@ -7,7 +7,8 @@ sees only the prompt, so its hidden state is the same in every row of the group,
 (trained or not). When a micro-batch holds rows with equal prompts, each distinct prompt runs once
 and every row's completion attends to its prompt's keys and values (`run_layers_shared`); gradients
 reach the prompt part through those keys and values. Same maths as the full rows (tested to float32
-rounding), about (G*P + B*C) / (B*(P+C)) of the work.
+rounding), about (G*P + B*C) / (B*(P+C)) of the work. It costs a second, smaller call of every layer,
+so "auto" shares only where the saved work is worth that call (`sharing_pays`).
 """
 from __future__ import annotations
 
@@ -94,6 +95,21 @@ def distinct_prompts(batch: Batch) -> tuple[torch.Tensor, torch.Tensor] | None:
     return index, first
 
 
+# Saved work (FLOPs per layer and micro-batch) from which "auto" shares prompts. CPU, measured on the
+# 2-core machine: the embedded model (hidden 64, 28 rows x 8 prompt tokens saved, 2.8e7) ran 15-20%
+# slower shared; the step benchmark's shape (5.6e9) 1.43x faster. CUDA: an estimate (a layer call's
+# kernel launches against far faster matmuls), not yet measured.
+SHARE_MIN_FLOPS = {"cpu": 1e8, "cuda": 1e10}
+
+
+def sharing_pays(model: nn.Module, batch: Batch, start: int, distinct: int) -> bool:
+    """Whether running `distinct` prompts instead of every row's saves SHARE_MIN_FLOPS per layer."""
+    layer_params = sum(p.numel() for p in model.model.layers[start].parameters())
+    saved = (batch.input_ids.shape[0] - distinct) * batch.prompt_len * 2 * layer_params
+    device = batch.input_ids.device.type
+    return saved >= SHARE_MIN_FLOPS.get(device, SHARE_MIN_FLOPS["cuda"])
+
+
 def _shareable(model: nn.Module, ctx: LayerContext) -> bool:
     """Prompt sharing needs 4-D (or no) masks: the sdpa and eager attention paths of transformers."""
     impl = getattr(model.config, "_attn_implementation", None)
@@ -167,12 +183,17 @@ def run_layers_shared(model: nn.Module, hp: torch.Tensor, hc: torch.Tensor, shar
 
 
 @torch.no_grad()
-def compute_prefix(model: nn.Module, batch: Batch, start: int, share_prompts: bool = True) -> PrefixEntry:
-    """Embeddings and layers 0 .. start-1 of one micro-batch, without autograd; rows with equal
-    prompts share the prompt part when `share_prompts` (and the attention path allows it)."""
+def compute_prefix(model: nn.Module, batch: Batch, start: int, share_prompts: str = "auto") -> PrefixEntry:
+    """Embeddings and layers 0 .. start-1 of one micro-batch, without autograd. Rows with equal prompts
+    share the prompt part with share_prompts "on" (where the attention path allows it), "auto" (also
+    only where `sharing_pays`), never with "off"."""
+    if share_prompts not in ("auto", "on", "off"):
+        raise ValueError(f"share_prompts must be auto, on or off, got {share_prompts!r}")
     embeds = model.model.embed_tokens(batch.input_ids)
     ctx = layer_context(model, batch, embeds)
-    groups = distinct_prompts(batch) if share_prompts and _shareable(model, ctx) else None
+    groups = distinct_prompts(batch) if share_prompts != "off" and _shareable(model, ctx) else None
+    if groups is not None and share_prompts == "auto" and not sharing_pays(model, batch, start, len(groups[1])):
+        groups = None
     if groups is None:
         return PrefixEntry(batch, ctx, run_layers(model, embeds, ctx, 0, start))
     index, first = groups
