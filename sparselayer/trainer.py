@@ -151,6 +151,7 @@ class Trainer:
         sb = self._score(rollouts, examples)
         timer.mark("reward_s")
         self.attach_prefix(sb)
+        shared = sum(e.shared is not None for e in sb.prefix or [])
         if rl.beta > 0:
             sb.ref_logp = self._reference_logprobs(sb)
         timer.mark("logprob_s")
@@ -161,7 +162,7 @@ class Trainer:
         self.check_sync()
         timer.mark("push_s")
         self.step_count += 1
-        return self._metrics(sb, losses, timer.phases)
+        return {**self._metrics(sb, losses, timer.phases), "shared_micro_batches": shared}
 
     def check_sync(self) -> float | None:
         """--check-sync: after a push the engine's log-probs of a fixed sequence must match the trainer's."""

@@ -115,6 +115,12 @@ def test_auto_shares_only_where_it_pays(tiny_model, monkeypatch):
         compute_prefix(trainer.model, sub, 2, "yes")
 
 
+def test_step_reports_shared_micro_batches(tiny_model):
+    metrics = _trainer(tiny_model, num_iterations=2).step()
+    assert metrics["shared_micro_batches"] == 2  # 4 groups of 4 rows, two groups per micro-batch
+    assert torch.isfinite(torch.tensor(metrics["loss"]))
+
+
 def test_share_prompts_setting():
     assert TrainConfig.from_mapping({"share_prompts": True}).model.share_prompts == "on"  # YAML's on
     assert TrainConfig.from_mapping({"share_prompts": False}).model.share_prompts == "off"

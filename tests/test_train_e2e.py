@@ -16,7 +16,8 @@ from sparselayer.runs import RunDir
 from sparselayer.train import train
 
 METRIC_KEYS = {"step", "reward_mean", "reward_std", "accuracy", "loss", "kl", "clip_ratio", "step_time_s",
-               "rollout_s", "reward_s", "logprob_s", "train_s", "push_s", "tokens_per_s", "peak_mem_bytes"}
+               "rollout_s", "reward_s", "logprob_s", "train_s", "push_s", "tokens_per_s", "peak_mem_bytes",
+               "shared_micro_batches"}
 PHASES = ("rollout_s", "reward_s", "logprob_s", "train_s", "push_s")
 
 
@@ -36,6 +37,7 @@ def test_run_directory_metrics_and_checkpoint(tiny_model, tmp_path):
         assert METRIC_KEYS <= r.keys()
         assert r["step_time_s"] == pytest.approx(sum(r[p] for p in PHASES), rel=1e-9)
         assert r["logprob_s"] > 0 and r["peak_mem_bytes"] > 0 and r["tokens_per_s"] > 0
+        assert r["shared_micro_batches"] == 0  # --share-prompts auto: too little work to share on this model
         assert all(isinstance(r[k], (int, float)) and r[k] == r[k] for k in METRIC_KEYS)
     assert lines[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before the first update
     assert lines[-1]["kl"] > 0
