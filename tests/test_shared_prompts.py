@@ -78,6 +78,29 @@ def test_shared_prompts_same_loss_and_gradient(tiny_model, attn, checkpointing):
         assert _rel(grads1[name], plain) <= 1e-5, name
 
 
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_shared_prompts_with_quantized_frozen_layers(tiny_model, quant):
+    """Through bitsandbytes' nf4 / LLM.int8() frozen layers, shared and per-row prompts agree too (each
+    quantized matmul treats rows independently). Reference log-probs within 1e-5; gradients within 1e-5
+    for int8, and bf16's 1e-2 for nf4, whose layers compute in bf16 (measured 6e-4: the two paths'
+    matmuls have other shapes, so bf16 rounds differently)."""
+    results = {}
+    for share in ("off", "on"):
+        trainer = _trainer(tiny_model, quant=quant, share_prompts=share)
+        assert trainer.quant == quant
+        sb = trainer.rollout_batch()
+        trainer.attach_prefix(sb)
+        assert all((e.shared is not None) == (share == "on") for e in sb.prefix)
+        sb.ref_logp = trainer._logprobs_no_grad(sb)
+        trainer.accumulate_gradients(sb)
+        results[share] = (sb.ref_logp, {n: p.grad.clone() for n, p in trainer.trained.items()})
+    assert _rel(results["on"][0], results["off"][0]) <= 1e-5
+    tolerance = 1e-2 if quant == "nf4" else 1e-5
+    for name, plain in results["off"][1].items():
+        assert plain.norm() > 0
+        assert _rel(results["on"][1][name], plain) <= tolerance, name
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_shared_prefix_without_padding(tiny_model, attn):
     """No padding at all: sdpa gets no mask from transformers (causal skip), so the completion rows'
