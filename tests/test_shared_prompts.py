@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import make_tiny_model
 from helpers import DigitShareTask
 from sparselayer.config import TrainConfig
 from sparselayer.model.logprobs import completion_logprobs
@@ -76,6 +77,18 @@ def test_shared_prompts_same_loss_and_gradient(tiny_model, attn, checkpointing):
     for name, plain in grads0.items():
         assert plain.norm() > 0
         assert _rel(grads1[name], plain) <= 1e-5, name
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_shared_prompts_other_families(tmp_path, family):
+    """Qwen2 and Llama attention hand the cache a fourth argument: shared prompts work there too."""
+    model = make_tiny_model(tmp_path / family, num_layers=3, model_type=family)
+    trainer = _trainer(model)
+    sb = trainer.rollout_batch()
+    for sub in _padded_micro_batches(trainer, sb):
+        entry = compute_prefix(trainer.model, sub, 2, "on")
+        assert entry.shared is not None
+        assert _rel(logprobs_from_prefix(trainer.model, entry, 2), completion_logprobs(trainer.model, sub)) <= 1e-5
 
 
 @pytest.mark.parametrize("quant", ["nf4", "int8"])
