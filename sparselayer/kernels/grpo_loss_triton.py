@@ -115,14 +115,19 @@ class _Operands:
     upcast: bool  # dot 16-bit tiles in fp32: the interpreter's tl.dot reads bf16 as raw uint16
 
 
+def check_operand(dtype: torch.dtype, device: torch.device) -> None:
+    """ValueError unless Triton handles `dtype` here and can run on `device` (shared by every Triton kernel)."""
+    if dtype not in _DTYPES:
+        raise ValueError(f"the triton backend supports float32, bfloat16 and float16, got {dtype}")
+    if device.type != "cuda" and not INTERPRETED:
+        raise ValueError("the triton backend needs CUDA tensors (or TRITON_INTERPRET=1, set before this module "
+                         "is imported, for CPU tensors)")
+
+
 def _prepare(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> _Operands:
     """Check device and dtype, promote hidden and weight to one dtype tl.dot accepts, pick dot settings."""
     dtype = torch.promote_types(hidden.dtype, weight.dtype)
-    if dtype not in _DTYPES:
-        raise ValueError(f"the triton backend supports float32, bfloat16 and float16, got {dtype}")
-    if hidden.device.type != "cuda" and not INTERPRETED:
-        raise ValueError("the triton backend needs CUDA tensors (or TRITON_INTERPRET=1, set before this module "
-                         "is imported, for CPU tensors)")
+    check_operand(dtype, hidden.device)
     upcast = INTERPRETED and dtype != torch.float32
     precision = "ieee" if dtype == torch.float32 or upcast else "tf32"  # "tf32" is ignored for 16-bit dots
     return _Operands(hidden.to(dtype).contiguous(), weight.to(dtype).contiguous(), targets.long().contiguous(),

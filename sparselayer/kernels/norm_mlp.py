@@ -193,9 +193,10 @@ class FrozenMLPFunction(torch.autograd.Function):
         x2, wg, wu, wd, bg, bu = ctx.saved_tensors
         g2 = _rows(grad)
         dx = torch.empty_like(x2)
+        wd = wd.to(g2.dtype)  # once, not per chunk (a no-op when the grad has the weight's dtype)
         for r in row_chunks(x2.shape[0], wg.shape[0], x2.device):
             gate, up = _gate_up(x2[r], wg, wu, bg, bu)
-            dgate, dup = ctx.kernels.swiglu_backward(torch.mm(g2[r], wd.to(g2.dtype)), gate, up)
+            dgate, dup = ctx.kernels.swiglu_backward(torch.mm(g2[r], wd), gate, up)
             del gate, up
             dx[r] = torch.addmm(torch.mm(dgate, wg), dup, wu)
         return dx.view(grad.shape[:-1] + (x2.shape[1],)), None, None, None, None, None, None, None

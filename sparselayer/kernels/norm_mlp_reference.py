@@ -9,10 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def norm_dtype(x: torch.Tensor) -> torch.dtype:
-    """float64 for float64 inputs, float32 otherwise: the dtype the norm statistics are computed in."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+# float64 for float64 inputs, float32 otherwise: the dtype the norm statistics are computed in
+from .grpo_loss_reference import accumulation_dtype as norm_dtype
 
 
 def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -17,10 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .grpo_loss_triton import INTERPRETED, check_operand
 from .norm_mlp import NormMLPKernels
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-INTERPRETED = bool(triton.knobs.runtime.interpret)
 # Elements per program: rows x BLOCK_H for the norm, a flat block for SwiGLU. Small under the interpreter.
 NORM_TILE = 1024 if INTERPRETED else 8192
 ELEMENTWISE_BLOCK = 1024 if INTERPRETED else 4096
@@ -99,11 +98,7 @@ def _swiglu_backward_kernel(d_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, BLOCK: tl.co
 def _check(*tensors: torch.Tensor) -> None:
     """Dtypes Triton handles here, and a device it can run on."""
     for t in tensors:
-        if t.dtype not in _DTYPES:
-            raise ValueError(f"the triton backend supports float32, bfloat16 and float16, got {t.dtype}")
-        if t.device.type != "cuda" and not INTERPRETED:
-            raise ValueError("the triton backend needs CUDA tensors (or TRITON_INTERPRET=1, set before this module "
-                             "is imported, for CPU tensors)")
+        check_operand(t.dtype, t.device)
 
 
 def _norm_blocks(h: int) -> tuple[int, int]:

@@ -59,14 +59,19 @@ def is_swiglu_mlp(module: nn.Module) -> bool:
     return type(module).__name__ in MLP_CLASSES and act in SILU_NAMES and hasattr(module, "gate_proj")
 
 
-def _grad_needed(x: torch.Tensor, module: nn.Module) -> bool:
+def _trainable(module: nn.Module) -> bool:
+    """Whether any parameter of `module` requires grad."""
+    return any(p.requires_grad for p in module.parameters())
+
+
+def _grad_needed(x: torch.Tensor, trainable: bool) -> bool:
     """Whether autograd will record this call (grad mode on and the input or a parameter needs grad)."""
-    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
+    return torch.is_grad_enabled() and (x.requires_grad or trainable)
 
 
 def _fused_norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     """RMSNorm forward: fused under autograd, the HF forward otherwise."""
-    if not _grad_needed(hidden_states, self):
+    if not _grad_needed(hidden_states, _trainable(self)):
         return type(self).forward(self, hidden_states)
     return rms_norm(hidden_states, self.weight, self.variance_epsilon, getattr(self, _BACKEND))
 
@@ -78,11 +83,11 @@ def _plain_linears(mlp: nn.Module) -> bool:
 
 def _fused_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """SwiGLU MLP forward: frozen_mlp or Linear + fused SwiGLU under autograd, the HF forward otherwise."""
-    if not _grad_needed(x, self):
+    trainable = _trainable(self)
+    if not _grad_needed(x, trainable):
         return type(self).forward(self, x)
     backend = getattr(self, _BACKEND)
-    frozen = not any(p.requires_grad for p in self.parameters())
-    if frozen and getattr(self, _MODE) == "recompute" and _plain_linears(self):
+    if not trainable and getattr(self, _MODE) == "recompute" and _plain_linears(self):
         g, u, d = self.gate_proj, self.up_proj, self.down_proj
         return frozen_mlp(x, g.weight, u.weight, d.weight, g.bias, u.bias, d.bias, backend)
     return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), backend))
@@ -110,7 +115,7 @@ def use_fused_kernels(model: nn.Module, trained_layers: list[int] | None, backen
     (all layers for trained_layers=None); return the number of patched modules."""
     if suffix_mlp not in SUFFIX_MLP_MODES:
         raise ValueError(f"suffix_mlp must be one of {SUFFIX_MLP_MODES}, got {suffix_mlp!r}")
-    resolve_backend(backend, next(model.parameters()).device)  # reject a bad name now, not at the first step
+    backend = resolve_backend(backend, next(model.parameters()).device)  # a bad name fails now; no per-call resolve
     layers = model.model.layers
     start = 0 if trained_layers is None else min(trained_layers)
     count = sum(_patch(layers[i], backend, suffix_mlp) for i in range(start, len(layers)))

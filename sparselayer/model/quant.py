@@ -56,9 +56,9 @@ def resolve_quant(mode: str, device: torch.device, layers: list[int] | None) -> 
 
 def quantize_frozen(model: nn.Module, trained_layers: list[int] | None, mode: str) -> int:
     """Replace the nn.Linear modules of every frozen decoder layer by bitsandbytes ones; return how many."""
+    mode = resolve_quant(mode, next(model.parameters()).device, trained_layers)
     if mode == "none":
         return 0
-    mode = resolve_quant(mode, next(model.parameters()).device, trained_layers)
     import_bitsandbytes()
     # LLM.int8() warns on every call that fp32/bf16 inputs are cast to fp16: expected here, not news
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
