@@ -122,13 +122,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _pop_layers(given: dict[str, Any]) -> str | None:
+    """Remove --layer / --layers from parsed flags and return the one given (both: ConfigError)."""
+    if "layer" in given and "layers" in given:
+        raise ConfigError("--layer and --layers conflict: give one of them")
+    return given.pop("layers", None) or given.pop("layer", None)
+
+
 def resolve_train_config(args: argparse.Namespace) -> TrainConfig:
     """defaults <- embedded model's recipe <- saved run config (--resume) <- --config YAML <- flags."""
     given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume")}
-    if "layer" in given:
-        if "layers" in given:
-            raise ConfigError("--layer and --layers conflict: give one of them")
-        given["layers"] = given.pop("layer")
+    layers = _pop_layers(given)
+    if layers is not None:
+        given["layers"] = layers
     yaml_cfg = TrainConfig.from_yaml(args.config) if args.config else None
     config = TrainConfig()
     if args.resume:
@@ -196,9 +202,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"Spearman rank correlation {result['spearman']:+.3f} over {len(result['layers'])} common layers "
               f"(p = {result['p_value']:.3g})")
         return 0
-    layers = vars(args).pop("layers", None) or vars(args).pop("layer", None) or "all"
+    layers = _pop_layers(vars(args)) or "all"
     seeds = args.seeds
-    for name in ("layer", "sweep_command", "seeds"):
+    for name in ("sweep_command", "seeds"):
         vars(args).pop(name, None)
     args.resume = False
     config = resolve_train_config(args)

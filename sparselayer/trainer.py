@@ -203,7 +203,7 @@ class Trainer:
     def _policy_hidden(self, sb: StepBatch, j: int) -> tuple[torch.Tensor, Batch]:
         """Final hidden states (B' x C x H) of micro-batch j: from the cached prefix, else a full forward."""
         if sb.prefix is not None:
-            entry = sb.prefix[j] if sb.prefix_budget is None else sb.prefix_budget.fetch(sb.prefix[j])
+            entry = sb.prefix_budget.fetch(sb.prefix[j])
             checkpoint = self.config.model.gradient_checkpointing
             return hidden_from_prefix(self.model, entry, self.cache_start, checkpoint), entry.batch
         sub = sb.batch.rows(sb.micro_batches[j])
@@ -272,8 +272,7 @@ class Trainer:
             C = h.shape[1]
             old = None if iteration == 0 else sb.old_logp[rows, :C]  # pass 0 is on-policy: old = logp
             ref = sb.ref_logp[rows, :C] if sb.ref_logp is not None else None
-            old, tis = self._tis(h, sub, old)
-            loss, logp = self._loss(h, sub, old, sb.advantages[rows], sb.weights[rows, :C], ref, tis)
+            loss, logp = self._loss(h, sub, old, sb.advantages[rows], sb.weights[rows, :C], ref)
             loss.backward()
             if iteration == 0:
                 sb.old_logp[rows, :C] = logp.detach()
@@ -288,32 +287,36 @@ class Trainer:
         ntok = float(sb.batch.completion_mask.sum().clamp(min=1))
         return {"loss": total["loss"], "kl": total["kl"] / ntok, "clip_ratio": total["clip"] / ntok}
 
-    def _tis(self, h: torch.Tensor, sub: Batch, old: torch.Tensor | None) -> tuple[torch.Tensor | None,
-                                                                                torch.Tensor | None]:
-        """(old log-probs, --tis-cap weights or None); in pass 0 the old log-probs come from `h` first."""
-        cap = self.config.rl.tis_cap
-        if cap is None or sub.sampling_logp is None:
-            return old, None
-        if old is None:
-            with torch.no_grad():
-                old = self._head_logprobs(h.detach(), sub)
-        return old, tis_weights(old, sub.sampling_logp, cap, sub.completion_mask)
+    def _tis_active(self, sub: Batch) -> bool:
+        """--tis-cap is set and the engine reported its sampling log-probs."""
+        return self.config.rl.tis_cap is not None and sub.sampling_logp is not None
+
+    def _tis(self, sub: Batch, old: torch.Tensor) -> torch.Tensor | None:
+        """--tis-cap weights min(trainer/sampler probability ratio, cap) from the old log-probs, or None."""
+        if not self._tis_active(sub):
+            return None
+        return tis_weights(old, sub.sampling_logp, self.config.rl.tis_cap, sub.completion_mask)
 
     def _loss(self, h: torch.Tensor, sub: Batch, old: torch.Tensor | None, adv: torch.Tensor,
-              weights: torch.Tensor, ref: torch.Tensor | None,
-              tis: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weighted GRPO loss of one micro-batch, its log-probs B' x C): fused head + loss, or plain autograd."""
+              weights: torch.Tensor, ref: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weighted GRPO loss of one micro-batch, its log-probs B' x C): fused head + loss, or plain autograd.
+        old=None is the on-policy pass 0, where the old log-probs are the policy's own (detached)."""
         rl = self.config.rl
         eps_high = rl.epsilon_high if rl.epsilon_high is not None else rl.epsilon
         B, C, H = h.shape
         if self.fused:
+            if old is None and self._tis_active(sub):  # the kernel takes the weights as input: old first
+                with torch.no_grad():
+                    old = self._head_logprobs(h.detach(), sub)
+            tis = None if old is None else self._tis(sub, old)
             flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
             loss, logp = grpo_loss(h.reshape(-1, H), self.model.lm_head.weight, flat(sub.input_ids[:, sub.prompt_len:]),
                                    flat(old), adv.repeat_interleave(C), flat(weights), rl.epsilon, eps_high, rl.beta,
                                    flat(ref), flat(tis), self.config.rollout.temperature, backend=self.kernels)
             return loss, logp.view(B, C)
         logp = self._head_logprobs(h, sub)
-        tl = per_token_loss(logp, logp.detach() if old is None else old, adv, rl.epsilon, eps_high, rl.beta, ref, tis)
+        old = logp.detach() if old is None else old
+        tl = per_token_loss(logp, old, adv, rl.epsilon, eps_high, rl.beta, ref, self._tis(sub, old))
         return (tl.loss * weights).sum(), logp
 
     def rollout_batch(self) -> StepBatch:

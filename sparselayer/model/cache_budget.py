@@ -39,6 +39,8 @@ class PrefixBudget:
 
     def fetch(self, entry: PrefixEntry) -> PrefixEntry:
         """The entry with its tensors on the compute device (a transient copy when it was spilled)."""
+        if entry.hidden.device == self.device:  # kept on the device: entries move whole
+            return entry
         return move_entry(entry, self.device, non_blocking=self.device.type == "cuda")
 
 
