@@ -67,7 +67,10 @@ class DeltaState:
         """
         prefixes = {m.group(0) for name in tensors if (m := LAYER_PREFIX.match(name))}
         rest = [n for n in self.shapes if n not in tensors and any(n.startswith(p) for p in prefixes)]
-        return {**tensors, **{n: self.base_of(n) for n in rest}}
+        missing = [n for n in rest if n not in self.bases]
+        if missing:  # one pass over the checkpoint shards for all of them
+            self.bases.update(load_checkpoint_tensors(self.model_dir, missing))
+        return {**tensors, **{n: self.bases[n] for n in rest}}
 
 
 def refused_tensors(config: dict) -> dict[str, str]:

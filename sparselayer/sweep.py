@@ -13,7 +13,6 @@ import gc
 import io
 import json
 import math
-import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from .config import TrainConfig
 from .errors import ConfigError
 from .model.layer_select import read_contributions
 from .model.layout import check_model_dir, parse_layers
-from .runs import atomic_write_text
+from .runs import atomic_write_bytes, atomic_write_text
 from .tasks import Task
 
 # settings that may differ between an interrupted sweep and its continuation
@@ -227,10 +226,10 @@ def plot_sweep(summary: dict[str, Any], path: Path) -> None:
                  f"{summary.get('seeds', 1)} seed(s)", fontsize=10)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, png.getvalue())
 
 
 def format_table(summary: dict[str, Any]) -> str:

@@ -81,7 +81,7 @@ def sparse_diff(old: torch.Tensor, new: torch.Tensor,
     if count * ((8 if wide else 4) + 2) >= new.numel() * 2:
         return None
     idx = changed.nonzero().squeeze(1).to(torch.int64 if wide else torch.int32)
-    return idx, new.reshape(-1)[idx.long()].clone()
+    return idx, new.reshape(-1)[idx.long()]  # advanced indexing copies already
 
 
 def sparse_apply(base: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
