@@ -116,13 +116,10 @@ class VLLMRolloutEngine(RolloutEngine):
             self.last_push = {"bytes": 0, "tensors": 0, "seconds": time.perf_counter() - t0}
             return 0
         weights = [(n, self._serve_form(n, t)) for n, t in changed.items()]
-        self._wake()
         if all(LAYER_RE.match(n) for n in changed):  # decoder layers only: load just their modules
-            self.llm.collective_rpc(load_scoped, args=(weights, owning_modules(changed)))
+            self._load(load_scoped, weights, owning_modules(changed))
         else:  # embeddings, final norm, LM head (--layers all): the whole-model reload
-            self.llm.collective_rpc(reload_full, args=(weights,))
-        self.llm.reset_prefix_cache()
-        self._sleep()
+            self._load(reload_full, weights)
         self.tracker.mark_pushed(changed)
         pushed = nbytes(changed.values())
         self.last_push = {"bytes": pushed, "tensors": len(weights), "seconds": time.perf_counter() - t0}
@@ -131,13 +128,16 @@ class VLLMRolloutEngine(RolloutEngine):
     def reload_all(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         """vLLM's stock in-place reload, which walks the whole model (the baseline a layer push is measured against)."""
         tensors = {n: t.detach().to(dtype=self.dtype) for n, t in named_tensors}
-        weights = [(n, self._serve_form(n, t)) for n, t in tensors.items()]
-        self._wake()
-        self.llm.collective_rpc(reload_full, args=(weights,))
-        self.llm.reset_prefix_cache()
-        self._sleep()
+        self._load(reload_full, [(n, self._serve_form(n, t)) for n, t in tensors.items()])
         self.tracker.pushed.clear()  # the next layer push sends its tensors again
         return nbytes(tensors.values())
+
+    def _load(self, fn, *args) -> None:
+        """Run a weight loader on the workers (awake), then drop cached prefixes computed with the old weights."""
+        self._wake()
+        self.llm.collective_rpc(fn, args=args)
+        self.llm.reset_prefix_cache()
+        self._sleep()
 
     def _serve_form(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         return self.padding.apply(name, tensor) if self.padding else tensor
