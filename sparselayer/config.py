@@ -18,6 +18,14 @@ from .sizes import parse_size
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
 SCALE_REWARDS = ("group", "batch", "none")
+QUANT_MODES = ("none", "nf4", "int8")  # --quant besides auto (sparselayer.model.quant runs them)
+
+
+def check_quant_layers(mode: str, trains_all: bool) -> None:
+    """ConfigError for nf4/int8 with --layers all: quantization is for frozen layers, and none would be."""
+    if mode in ("nf4", "int8") and trains_all:
+        raise ConfigError(f"--quant {mode} quantizes the frozen layers, but --layers all trains every layer: "
+                          "use --quant none")
 
 
 @dataclass
@@ -173,10 +181,8 @@ class TrainConfig:
         if not ro.temperature > 0 or not 0 < ro.top_p <= 1:
             raise ConfigError("--temperature must be > 0 and --top-p in (0, 1]")
         _choice("--rollout", ro.rollout, ("auto", "vllm", "hf"))
-        _choice("--quant", self.model.quant, ("auto", "none", "nf4", "int8"))
-        if self.model.quant in ("nf4", "int8") and str(self.model.layers).strip().lower() == "all":
-            raise ConfigError(f"--quant {self.model.quant} quantizes the frozen layers, but --layers all trains "
-                              "every layer: use --quant none")
+        _choice("--quant", self.model.quant, ("auto", *QUANT_MODES))
+        check_quant_layers(self.model.quant, str(self.model.layers).strip().lower() == "all")
         if self.model.prefix_cache_budget is not None:
             parse_size(self.model.prefix_cache_budget)
         _choice("--kernels", self.model.kernels, ("auto", "triton", "torch"))

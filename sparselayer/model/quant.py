@@ -13,9 +13,8 @@ import logging
 import torch
 from torch import nn
 
+from ..config import QUANT_MODES as MODES, check_quant_layers
 from ..errors import ConfigError
-
-MODES = ("none", "nf4", "int8")
 
 
 def import_bitsandbytes():
@@ -48,9 +47,7 @@ def resolve_quant(mode: str, device: torch.device, layers: list[int] | None) -> 
         return "nf4" if bitsandbytes_available() else "none"
     if mode not in MODES:
         raise ConfigError(f"--quant must be one of auto, {', '.join(MODES)}, got {mode!r}")
-    if mode != "none" and layers is None:
-        raise ConfigError(f"--quant {mode} quantizes the frozen layers, but --layers all trains every layer: "
-                          "use --quant none")
+    check_quant_layers(mode, layers is None)
     return mode
 
 
