@@ -19,7 +19,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from .config import TrainConfig
+from .config import QUANT_MODES, TrainConfig
 from .errors import ConfigError
 from .memory import peak_bytes, reset_peak
 from .model.logprobs import completion_logprobs
@@ -233,7 +233,7 @@ def parse_variants(text: str) -> list[str]:
 
 def bench_step(cfg: StepBenchConfig, output: Path | None = None) -> dict[str, Any]:
     """Run the variants, each in a fresh subprocess; return (and write) the table, with ratios when both ran."""
-    if cfg.quant not in ("none", "nf4", "int8"):
+    if cfg.quant not in QUANT_MODES:
         raise ConfigError(f"bench step: --quant must be none, nf4 or int8, got {cfg.quant!r}")
     variants = parse_variants(cfg.variants)
     with tempfile.TemporaryDirectory(prefix="sparselayer-bench-") as tmp:
