@@ -1,7 +1,8 @@
 """Memory and time of GRPO loss forward + backward through a frozen LM head: fused vs naive.
 
-naive: materialized logits, log_softmax, gather (sparselayer.kernels.grpo_loss_reference);
-fused: sparselayer.kernels.grpo_loss.grpo_loss (chunked PyTorch on CPU, Triton on CUDA).
+naive: materialized logits, log_softmax, gather (sparselayer.kernels.reference_grpo_loss);
+fused: sparselayer.kernels.grpo_loss (chunked PyTorch on CPU, Triton on CUDA), the same objective on
+sparselayer.kernels.head_logprobs.
 
 Every (method, tokens, vocab) point runs in a fresh child process, so one run's allocator caches
 cannot hide another's memory. Peak EXTRA memory is measured after the inputs exist:
@@ -120,8 +121,7 @@ def make_inputs(tokens: int, vocab: int, hidden: int, dtype: torch.dtype, device
 
 def step_fn(method: str, inputs: dict, chunk_tokens: int, chunk_vocab: int):
     """A closure running forward + backward of one method and dropping the gradient afterwards."""
-    from sparselayer.kernels.grpo_loss import fused_grpo_loss, grpo_loss
-    from sparselayer.kernels.grpo_loss_reference import reference_grpo_loss
+    from sparselayer.kernels import fused_grpo_loss, grpo_loss, reference_grpo_loss
 
     def run() -> None:
         if method == "naive":

@@ -61,7 +61,7 @@ def timed(fn, repeats: int):
 
 def bench_codec(lrs: list[float], repeats: int) -> list[dict]:
     """Payload bytes and encode/decode seconds of one-step deltas of a Qwen3-8B-shaped layer."""
-    from sparselayer.rollout import delta as D
+    from sparselayer.sync import delta as D
 
     layer = random_layer(QWEN3_8B_LAYER, "model.layers.18.")
     base = {k: D.to_bf16(v) for k, v in layer.items()}
@@ -108,7 +108,7 @@ def bench_serve(lr: float, repeats: int) -> dict:
     import httpx
     from transformers import AutoTokenizer
 
-    from sparselayer.rollout import delta as D
+    from sparselayer.sync import delta as D
     from sparselayer.rollout.remote import RemoteRolloutEngine
 
     with tempfile.TemporaryDirectory() as tmp, socket.socket() as s:
@@ -137,7 +137,7 @@ def bench_serve(lr: float, repeats: int) -> dict:
 
 def _push_timings(engine, model: Path, lr: float, repeats: int) -> dict:
     """Median client/server seconds and bytes of: layer one-step sparse push, layer dense push, full push."""
-    from sparselayer.rollout import delta as D
+    from sparselayer.sync import delta as D
 
     names = list(D.checkpoint_shapes(model))
     full = {k: v.float() for k, v in D.load_checkpoint_tensors(model, names).items()}

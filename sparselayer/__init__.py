@@ -9,7 +9,8 @@ from .config import TrainConfig
 from .errors import ConfigError, DataError, ModelError, RewardError, RunError, SparseLayerError
 from .evaluate import evaluate, evaluate_path
 from .export import export_run, load_run
-from .rollout.base import Batch, RolloutEngine, Rollouts, collate
+from .batch import Batch, Rollouts, StepBatch, collate
+from .rollout.base import RolloutEngine
 from .rollout.hf import HFRolloutEngine
 from .tasks import ArithmeticTask, Example, Task, build_task
 from .train import train
@@ -19,6 +20,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArithmeticTask", "Batch", "ConfigError", "DataError", "Example", "HFRolloutEngine", "ModelError",
-    "RewardError", "RolloutEngine", "Rollouts", "RunError", "SparseLayerError", "Task", "TrainConfig", "Trainer",
+    "RewardError", "RolloutEngine", "Rollouts", "RunError", "SparseLayerError", "StepBatch", "Task", "TrainConfig", "Trainer",
     "build_task", "collate", "evaluate", "evaluate_path", "export_run", "load_run", "train",
 ]

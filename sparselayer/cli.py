@@ -1,7 +1,7 @@
 """`sparselayer` command line: a thin layer that turns flags/YAML into API calls (train, eval, export).
 
-Every flag of `train` is generated from the config dataclasses, so the CLI cannot offer a setting
-the Python API lacks. Errors caused by input print one line and exit with status 2.
+Every flag of `train` (and `sweep`) is generated from the config dataclasses, help text included
+(`config.option`), so the CLI cannot offer a setting the Python API lacks. Errors caused by input print one line and exit with status 2.
 """
 from __future__ import annotations
 
@@ -12,67 +12,57 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .bench import PRESETS, StepBenchConfig
+from .bench.config import PRESETS, StepBenchConfig
 from .config import SECTIONS, TrainConfig
 from .errors import ConfigError, SparseLayerError
 
-HELP = {
-    "model": "local Hugging Face model folder (Qwen3, Qwen2/2.5, Llama); default: the embedded tiny model",
-    "layers": "trained decoder layers: 16, -1, 14-18, 10,16, mid:5 (middle five), top:3 (with --from) "
-              "or all (full-parameter baseline)",
-    "layer_ranking": "same as --from",
-    "full_learning_rate": "sweep: learning rate of the full-parameter baseline (default: --learning-rate)",
-    "boost_layers": "with --layers all: layers (10,16, mid:3 or top:3 with --from) trained at --boost-lr",
-    "task": "built-in task name (arithmetic)",
-    "dataset": "JSONL or Parquet file of prompt/answer rows (math answers checked); replaces --task",
-    "reward": "user reward function module:function or file.py:function (TRL convention)",
-    "scale_rewards": "divide advantages by the group's std (group), the batch's (batch) or not at all (none, Dr. GRPO)",
-    "loss_type": "grpo | dr_grpo | dapo | bnpo",
-    "beta": "KL coefficient (k3 estimator); 0 skips the reference pass entirely",
-    "micro_batch_size": "sequences per forward/backward; micro-batches balanced by token count",
-    "quant": "frozen decoder layers: nf4 | int8 (bitsandbytes) | none; auto: nf4 on CUDA, none on CPU",
-    "optim": "adamw | adamw8bit (bitsandbytes); fp32 master weights when the model is bf16/fp16",
-    "share_prompts": "auto | on | off: run each group's prompt once per layer (prefix-cache path, sdpa/eager "
-                     "attention; micro-batches hold whole groups); auto: where it saves enough work to pay",
-    "prefix_cache_budget": "device bytes for the frozen-prefix cache (512MiB, 2GiB, 1e9); the rest waits in CPU memory",
-    "max_completion_length": "default: the task's suggestion (8 for arithmetic, 256 for datasets)",
-    "rollout": "auto (vLLM in-process when importable and it can serve the model, else hf) | vllm | hf",
-    "check_sync": "after each weight push, check vLLM's log-probs of a fixed sequence against the trainer's",
-    "tis_cap": "truncated importance sampling: weight tokens by min(trainer/sampler probability ratio, cap)",
-    "gpu_memory_utilization": "vLLM on GPU: share of GPU memory for weights and KV cache (CPU: 32k-token KV cache)",
-    "max_model_len": "vLLM: longest prompt + completion (default: the model's max_position_embeddings)",
-    "enforce_eager": "vLLM: no CUDA graphs (faster start); --no-enforce-eager captures them on GPU",
-    "sleep_mode": "vLLM on GPU: release its memory to the trainer between rollouts (ignored on CPU)",
-    "output_dir": "run directory (default runs/layers-<L>-<time>)",
-}
 EMBEDDED_RECIPE = Path(__file__).resolve().parent / "data" / "default_model" / "sparselayer.yaml"
 
 
+def config_flag(f: dataclasses.Field) -> str:
+    """The flag of a config field: --learning-rate for learning_rate."""
+    return "--" + f.name.replace("_", "-")
+
+
+def shown_default(value: Any) -> str | None:
+    """A field default as help shows it (bools on/off); None when unset (the help says what unset means)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per config field (--learning-rate for learning_rate); defaults stay unset to see what was given."""
+    """One flag per config field (--learning-rate for learning_rate), help from the field (config.option).
+
+    Defaults stay unset (SUPPRESS) so that resolve_train_config sees what was given.
+    """
     for section, kind in SECTIONS.items():
         group = parser.add_argument_group(section)
         for f in dataclasses.fields(kind):
-            flag = "--" + f.name.replace("_", "-")
-            default_text = f"default: {f.default}"
+            text = f.metadata.get("help", "")
+            default = shown_default(f.default)
+            if default is not None:
+                text = f"{text} (default: {default})" if text else f"default: {default}"
+            flags = (config_flag(f), *f.metadata.get("aliases", ()))
             if f.type == "bool":
-                group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                   default=argparse.SUPPRESS, help=HELP.get(f.name, default_text))
+                group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
+                                   default=argparse.SUPPRESS, help=text.replace("%", "%%"))
             else:
-                group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(),
-                                   help=HELP.get(f.name, default_text))
+                group.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS,
+                                   metavar=f.metadata.get("metavar", f.name.upper()), help=text.replace("%", "%%"))
     parser.add_argument("--layer", dest="layer", default=argparse.SUPPRESS, metavar="K",
-                        help="the one trained decoder layer (negative counts from the end)")
-    parser.add_argument("--from", dest="layer_ranking", default=argparse.SUPPRESS, metavar="SWEEP_CSV",
-                        help="sweep.csv whose C(k) ranking resolves --layers/--boost-layers top:k")
+                        help="one trained decoder layer, as --layers K (negative counts from the end; "
+                             "giving both is an error)")
 
 
 def _add_serve_parser(sub) -> None:
     """`serve`: vLLM's OpenAI-compatible server plus the layer-delta endpoint (sparselayer.serve.serve)."""
     sv = sub.add_parser("serve", help="vLLM OpenAI-compatible server that also takes layer deltas (remote mode)")
     sv.add_argument("--model", required=True, help="local Hugging Face model folder to serve")
-    sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    sv.add_argument("--port", type=int, default=8000, help="port to listen on")
     sv.add_argument("--max-model-len", type=int, default=None, help="vLLM: maximum sequence length")
     sv.add_argument("--dtype", default="auto", help="vLLM: weight dtype (auto, bfloat16, float16, float32)")
     sv.add_argument("--gpu-memory-utilization", type=float, default=None,
@@ -94,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--output", type=Path, help="also write the JSON result to this file")
     ev.add_argument("--k", type=int, default=4, help="samples per prompt for mean@k and pass@k (0: greedy only)")
     ev.add_argument("--num-eval", type=int, default=500, help="held-out prompts to score")
-    ev.add_argument("--temperature", type=float, default=1.0)
-    ev.add_argument("--max-completion-length", type=int, default=None)
+    ev.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the --k samples")
+    ev.add_argument("--max-completion-length", type=int, default=None,
+                    help="longest completion in tokens (default: the task's suggestion)")
     ev.add_argument("--task", default=None, help="built-in task (default: the run's task, else arithmetic)")
     ev.add_argument("--dataset", default=None, help="JSONL/Parquet prompt/answer file to evaluate on")
     ex = sub.add_parser("export", help="write a full HF model folder with the trained layer(s) merged")
@@ -107,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(sw)
     sw_sub = sw.add_subparsers(dest="sweep_command", required=False)
     cmp = sw_sub.add_parser("compare", help="Spearman rank correlation of two sweeps' C(k)")
-    cmp.add_argument("csv_a", type=Path)
-    cmp.add_argument("csv_b", type=Path)
+    cmp.add_argument("csv_a", type=Path, help="sweep.csv of one sweep")
+    cmp.add_argument("csv_b", type=Path, help="sweep.csv of the other")
     _add_serve_parser(sub)
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     step = bench.add_parser("step", help="full-parameter GRPO step vs the layer-sparse step, same model and batch")
@@ -118,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(StepBenchConfig):
         step.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
                           type=type(f.default), help=f"default: {f.default} (or the preset's)")
-    step.add_argument("--output", type=Path, default=Path("benchmarks/results/step.json"))
+    step.add_argument("--output", type=Path, default=Path("benchmarks/results/step.json"),
+                      help="JSON file the results are written to")
     return parser
 
 
@@ -226,7 +218,7 @@ def _quiet_libraries() -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import bench_step, format_table
+    from .bench.step import bench_step, format_table
 
     fields = {f.name for f in dataclasses.fields(StepBenchConfig)}
     values = {**PRESETS[args.preset], **{k: v for k, v in vars(args).items() if k in fields}}
@@ -240,7 +232,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .serve import serve
+    from .sync.server import serve
 
     serve(args.model, host=args.host, port=args.port, max_model_len=args.max_model_len, dtype=args.dtype,
           gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,

@@ -13,7 +13,6 @@ from typing import Any, Iterable
 
 import torch
 
-from .config import TrainConfig
 from .errors import ConfigError
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -90,20 +89,20 @@ class MasterAdamW(MasterWeights, torch.optim.AdamW):
     """torch AdamW over fp32 master weights."""
 
 
-def build_optimizer(params: Iterable[Any], config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW or 8-bit AdamW (--optim) for the trained parameters (tensors or param-group dicts);
-    fp32 master weights whenever a trained parameter is bf16/fp16."""
-    rl = config.rl
+def build_optimizer(params: Iterable[Any], optim: str = "adamw", lr: float = 1e-5,
+                    weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """AdamW or 8-bit AdamW (`optim`, --optim) for the trained parameters (tensors or param-group dicts,
+    whose own "lr" overrides `lr`); fp32 master weights whenever a trained parameter is bf16/fp16."""
     groups = _as_groups(params)
     low = any(p.dtype in LOW_PRECISION for g in groups for p in g["params"])
-    kwargs = {"lr": rl.learning_rate, "weight_decay": rl.weight_decay}
-    if rl.optim == "adamw":
+    kwargs = {"lr": lr, "weight_decay": weight_decay}
+    if optim == "adamw":
         return (MasterAdamW if low else torch.optim.AdamW)(groups, **kwargs)
-    if rl.optim == "adamw8bit":
+    if optim == "adamw8bit":
         base = _adamw8bit_class()
         cls = type("MasterAdamW8bit", (MasterWeights, base), {}) if low else base
         return cls(groups, **kwargs)
-    raise ConfigError(f"--optim must be adamw or adamw8bit, got {rl.optim!r}")
+    raise ConfigError(f"--optim must be adamw or adamw8bit, got {optim!r}")
 
 
 def _adamw8bit_class() -> type:

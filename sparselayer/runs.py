@@ -57,6 +57,7 @@ class RunDir:
         self.checkpoints = self.path / "checkpoints"
         self.metrics_path = self.path / "metrics.jsonl"
         self.config_path = self.path / "config.yaml"
+        self.summary_path = self.path / "summary.json"
 
     def create(self) -> "RunDir":
         self.checkpoints.mkdir(parents=True, exist_ok=True)
@@ -80,6 +81,22 @@ class RunDir:
         if not isinstance(data, dict):
             raise RunError(f"{self.config_path} does not hold a mapping of settings")
         return data
+
+    def read_summary(self) -> dict[str, Any]:
+        """The run's summary.json ({} before the first one is written): results, base/final accuracy."""
+        if not self.summary_path.is_file():
+            return {}
+        try:
+            data = json.loads(self.summary_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise RunError(f"{self.summary_path} is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise RunError(f"{self.summary_path} does not hold a summary (a JSON object)")
+        return data
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        """Replace summary.json atomically (a kill leaves the old summary or the new one, whole)."""
+        atomic_write_text(self.summary_path, json.dumps(summary, indent=2) + "\n")
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         """Append one JSON line and flush it to disk."""

@@ -7,7 +7,6 @@ interrupted sweep continues where it stopped and finished runs are reused.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import gc
 import io
@@ -21,16 +20,14 @@ from typing import Any, Callable
 import yaml
 
 from .config import TrainConfig
+from .contributions import csv_text, read_contributions, resolve_layers
 from .errors import ConfigError
-from .model.layer_select import read_contributions
-from .model.layout import check_model_dir, parse_layers
-from .runs import atomic_write_bytes, atomic_write_text
+from .model.layout import check_model_dir
+from .runs import RunDir, atomic_write_bytes, atomic_write_text
 from .tasks import Task
 
 # settings that may differ between an interrupted sweep and its continuation
 PER_RUN_FIELDS = {"layers", "layer_ranking", "output_dir", "progress", "eval_at_start", "eval_at_end"}
-CSV_FIELDS = ["kind", "layer", "depth", "runs", "score_mean", "score_std", "contribution_mean", "contribution_std",
-              "rank"]
 
 
 @dataclass
@@ -50,9 +47,10 @@ def contribution(score: float, base: float, full: float) -> float:
     return (score - base) / gain if gain != 0 else math.nan
 
 
-def sweep_layers(spec: str, num_layers: int, ranking_csv: str | None = None) -> list[int]:
-    """The layers a sweep trains one at a time: `all` is every layer; else any --layers selection."""
-    layers = parse_layers(spec, num_layers, ranking_csv)
+def sweep_layers(spec: str, num_layers: int, ranking_csv: str | Path | None = None) -> list[int]:
+    """The layers a sweep trains one at a time: `all` is every layer; else any --layers selection
+    (top:k ranked by the sweep CSV `ranking_csv`)."""
+    layers = resolve_layers(spec, num_layers, ranking_csv)
     return list(range(num_layers)) if layers is None else layers
 
 
@@ -140,7 +138,7 @@ def _train_one(config: TrainConfig, directory: Path, layer: int | None, seed: in
     from .train import train
 
     run_dir = directory / "runs" / f"{'full' if layer is None else f'layer{layer}'}-seed{seed}"
-    summary = _finished_summary(run_dir, config.run.max_steps)
+    summary = _finished_summary(RunDir(run_dir), config.run.max_steps)
     if summary is None or (need_base and "base_accuracy" not in summary):
         cfg = TrainConfig.from_mapping({"layers": "all" if layer is None else str(layer), "layer_ranking": None,
                                         "output_dir": str(run_dir), "seed": config.run.seed + seed,
@@ -151,11 +149,9 @@ def _train_one(config: TrainConfig, directory: Path, layer: int | None, seed: in
     return result, summary.get("base_accuracy")
 
 
-def _finished_summary(run_dir: Path, max_steps: int) -> dict[str, Any] | None:
-    path = run_dir / "summary.json"
-    if not path.is_file():
-        return None
-    summary = json.loads(path.read_text())
+def _finished_summary(run: RunDir, max_steps: int) -> dict[str, Any] | None:
+    """The run's summary when it trained all `max_steps` and was scored, else None (train or finish it)."""
+    summary = run.read_summary()
     done = summary.get("steps") == max_steps and "final_accuracy" in summary
     return summary if done else None
 
@@ -193,13 +189,8 @@ def _row(kind: str, layer: int | None, scores: list[float], base: float, full: f
 
 
 def write_outputs(summary: dict[str, Any], directory: Path) -> None:
-    """sweep.csv, sweep.json and sweep.png, each written atomically."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for row in summary["rows"]:
-        writer.writerow({k: "" if row[k] is None else row[k] for k in CSV_FIELDS})
-    atomic_write_text(directory / "sweep.csv", buffer.getvalue())
+    """sweep.csv (format: `sparselayer.contributions`), sweep.json and sweep.png, each written atomically."""
+    atomic_write_text(directory / "sweep.csv", csv_text(summary["rows"]))
     atomic_write_text(directory / "sweep.json", json.dumps(summary, indent=2) + "\n")
     plot_sweep(summary, directory / "sweep.png")
 

@@ -1,7 +1,6 @@
 """A training run: run directory, resume, progress bar, checkpoints, base/final evaluation, summary."""
 from __future__ import annotations
 
-import json
 import random
 import time
 from datetime import datetime
@@ -15,7 +14,7 @@ from .config import TrainConfig
 from .errors import RunError
 from .evaluate import evaluate
 from .rollout.base import RolloutEngine
-from .runs import RunDir, atomic_write_text
+from .runs import RunDir
 from .tasks import Task
 from .trainer import Trainer
 
@@ -82,7 +81,7 @@ def _run(trainer: Trainer, run: RunDir, resume: bool,
     summary = _load_summary_seed(run, start)
     if config.run.eval_at_start and "base_accuracy" not in summary:
         summary["base_accuracy"] = _evaluate(trainer)["accuracy"]
-        atomic_write_text(run.path / "summary.json", _json(summary))
+        run.write_summary(summary)
     t0 = time.perf_counter()
     bar = tqdm(total=config.run.max_steps, initial=start, disable=not config.run.progress,
                desc=f"GRPO {trainer.label}", unit="step", dynamic_ncols=True)
@@ -102,7 +101,7 @@ def _run(trainer: Trainer, run: RunDir, resume: bool,
     if config.run.eval_at_end:
         summary["final_eval"] = _evaluate(trainer)
         summary["final_accuracy"] = summary["final_eval"]["accuracy"]
-    atomic_write_text(run.path / "summary.json", _json(summary))
+    run.write_summary(summary)
     return summary
 
 
@@ -113,12 +112,5 @@ def _evaluate(trainer: Trainer) -> dict[str, Any]:
 
 def _load_summary_seed(run: RunDir, start: int) -> dict[str, Any]:
     """Keep the base accuracy measured before the run was interrupted."""
-    path = run.path / "summary.json"
-    if start == 0 or not path.exists():
-        return {}
-    old = json.loads(path.read_text())
+    old = run.read_summary() if start else {}
     return {k: old[k] for k in ("base_accuracy",) if k in old}
-
-
-def _json(data: dict[str, Any]) -> str:
-    return json.dumps(data, indent=2) + "\n"

@@ -10,3 +10,11 @@ class DigitShareTask(ArithmeticTask):
 
     def reward(self, completion: str, example: Example) -> float:
         return sum(ch.isdigit() for ch in completion) / max(1, len(completion))
+
+
+def full_forward_logprobs(trainer, sb):
+    """No-grad log-probs of the whole rollout batch through full forwards (the plain path: no prefix cache)."""
+    from sparselayer.model.forward import FullForward
+
+    forward = FullForward(trainer.model)
+    return trainer.batch_logprobs(sb, forward, forward.prepare(sb.batch, sb.micro_batches), trainer.head)

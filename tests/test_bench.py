@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import json
 
-from sparselayer.bench import StepBenchConfig, bench_step, format_table
+from sparselayer.bench.config import StepBenchConfig
+from sparselayer.bench.step import bench_step, format_table
 from sparselayer.cli import main
 
 TINY = dict(num_layers=4, hidden=64, intermediate=128, vocab=512, heads=4, kv_heads=2, layer=2, prompts=2,
@@ -51,3 +52,28 @@ def test_bench_step_sparse_without_shared_prompts(tmp_path):
     assert result["shared_prompts_speedup"] == no_share["step_time_s"] / share["step_time_s"]
     assert no_share["trainable_params"] == share["trainable_params"]
     assert "shared prompts" in format_table(result)
+
+
+def test_full_variant_is_the_same_step_configured_as_a_standard_trainer(tmp_path):
+    """The baseline is Trainer.step configured: every parameter trained, a separate frozen reference model,
+    a separate old-policy pass, full forwards, the plain head and stock modules; the sparse variant is not."""
+    import torch
+
+    from sparselayer.bench.step import RandomRewardTask, SyntheticEngine, build_random_model, variant_config
+    from sparselayer.model.forward import CachedPrefixForward, FullForward
+    from sparselayer.trainer import Trainer
+
+    cfg = StepBenchConfig(**TINY)
+    model = build_random_model(cfg, tmp_path / "model")
+    engine = SyntheticEngine(cfg.vocab, cfg.prompt_len, cfg.completion_len)
+    full = Trainer(variant_config(cfg, model, "full"), task=RandomRewardTask(), engine=engine)
+    assert isinstance(full.forward, FullForward) and isinstance(full.reference, torch.nn.Module)
+    assert full.config.rl.old_logp_pass and not full.fused and full.quant == "none"
+    assert all(p.requires_grad for p in full.model.parameters())
+    assert not any(hasattr(m, "_sparselayer_kernels") for m in full.model.modules())
+    sparse = Trainer(variant_config(cfg, model, "sparse"), task=RandomRewardTask(), engine=engine)
+    assert isinstance(sparse.forward, CachedPrefixForward) and isinstance(sparse.reference, dict)
+    assert sparse.fused and not sparse.config.rl.old_logp_pass
+    assert any(hasattr(m, "_sparselayer_kernels") for m in sparse.model.modules())
+    metrics = full.step()
+    assert metrics["kl"] >= 0 and torch.isfinite(torch.tensor(metrics["loss"]))

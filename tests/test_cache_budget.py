@@ -8,7 +8,7 @@ import weakref
 import pytest
 import torch
 
-from helpers import DigitShareTask
+from helpers import DigitShareTask, full_forward_logprobs
 from sparselayer.cli import main
 from sparselayer.config import TrainConfig
 from sparselayer.errors import ConfigError
@@ -43,7 +43,7 @@ def test_bad_budget_is_refused(text, tiny_model, capsys, tmp_path):
 
 def _loss_and_grads(trainer: Trainer):
     sb = trainer.rollout_batch()
-    sb.ref_logp = trainer._logprobs_no_grad(sb)  # full forward (no cache yet)
+    sb.ref_logp = full_forward_logprobs(trainer, sb)  # full forward (no cache yet)
     trainer.attach_prefix(sb)
     stats = trainer.accumulate_gradients(sb, 0)
     trainer.accumulate_gradients(sb, 1)  # a second pass, reading the spilled entries again
@@ -57,12 +57,12 @@ def test_budget_spills_and_changes_nothing(tiny_model, budget):
         probe = _trainer(tiny_model)
         sb = probe.rollout_batch()
         probe.attach_prefix(sb)
-        budget = str(entry_bytes(sb.prefix[0]))
+        budget = str(entry_bytes(sb.inputs.items[0]))
     trainer = _trainer(tiny_model, prefix_cache_budget=budget)
     sb, spilled_loss, spilled_grads = _loss_and_grads(trainer)
     n = len(sb.micro_batches)
-    assert n > 1 and sb.prefix_budget.spilled == (n if budget == "1" else n - 1)
-    assert all(e.hidden.device.type == "cpu" for e in sb.prefix)  # on a CPU device: where they were anyway
+    assert n > 1 and sb.inputs.budget.spilled == (n if budget == "1" else n - 1)
+    assert all(e.hidden.device.type == "cpu" for e in sb.inputs.items)  # on a CPU device: where they were anyway
     assert spilled_loss == loss
     for name, grad in grads.items():
         assert grad.norm() > 0 and torch.equal(spilled_grads[name], grad), name
@@ -72,7 +72,7 @@ def test_no_budget_keeps_everything_on_the_device(tiny_model):
     trainer = _trainer(tiny_model)
     sb = trainer.rollout_batch()
     trainer.attach_prefix(sb)
-    assert sb.prefix_budget.spilled == 0 and sb.prefix_budget.used == sum(entry_bytes(e) for e in sb.prefix) > 0
+    assert sb.inputs.budget.spilled == 0 and sb.inputs.budget.used == sum(entry_bytes(e) for e in sb.inputs.items) > 0
 
 
 def test_step_frees_the_cache_before_the_push(tiny_model):
@@ -82,7 +82,7 @@ def test_step_frees_the_cache_before_the_push(tiny_model):
 
     def tracking_attach(sb):
         attach(sb)
-        refs.extend(weakref.ref(e.hidden) for e in sb.prefix)
+        refs.extend(weakref.ref(e.hidden) for e in sb.inputs.items)
 
     def tracking_push(named):
         gc.collect()
@@ -97,12 +97,12 @@ def test_step_frees_the_cache_before_the_push(tiny_model):
 def test_move_entry_moves_every_activation_and_leaves_the_original(tiny_model):
     """The spill/fetch copy walks hidden state, positions, rotary tables and masks (here to the meta device,
     the one other device a CPU-only machine has); tensors already on the target are shared, not copied."""
-    from sparselayer.model.cache_budget import _tensors, move_entry
+    from sparselayer.model.cache_budget import move_entry, tensors_in as _tensors
 
     trainer = _trainer(tiny_model)
     sb = trainer.rollout_batch()
     trainer.attach_prefix(sb)
-    entry = sb.prefix[0]
+    entry = sb.inputs.items[0]
     moved = move_entry(entry, torch.device("meta"))
     before, after = _tensors((entry.hidden, entry.context)), _tensors((moved.hidden, moved.context))
     assert len(after) == len(before) >= 4  # hidden, position ids, cos, sin (+ masks when materialized)

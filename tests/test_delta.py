@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from sparselayer.errors import DeltaError
-from sparselayer.rollout import delta as D
+from sparselayer.sync import delta as D
 
 BACKENDS = ["python"] + (["cpp"] if D.HAVE_EXTENSION else [])
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparselayer.rl.grpo import group_advantages, per_token_loss, token_weights
+from sparselayer.objective import group_advantages, per_token_loss, token_weights
 
 
 def test_group_advantages_normalize_within_groups():
@@ -73,3 +73,32 @@ def test_on_policy_gradient_is_advantage_weighted_logprob_gradient():
     adv = torch.tensor([1.5, -0.5], dtype=torch.float64)
     per_token_loss(logp, logp.detach(), adv, 0.2, 0.2).loss.sum().backward()
     torch.testing.assert_close(logp.grad, -adv[:, None].expand(2, 3))
+
+
+def test_cispo_is_detached_capped_weight_times_advantage_times_logprob():
+    """TRL's CISPO: -sg(min(r, eps_high)) * A * logp; its gradient in logp is -min(r, eps_high) * A."""
+    torch.manual_seed(4)
+    logp = (torch.randn(4, 6, dtype=torch.float64) * 0.5 - 1).requires_grad_(True)
+    old = logp.detach() + torch.randn(4, 6, dtype=torch.float64) * 0.8
+    adv = torch.tensor([1.0, -1.0, 0.5, -2.0], dtype=torch.float64)
+    out = per_token_loss(logp, old, adv, 0.2, 2.0, loss_type="cispo")
+    ratio = torch.exp(logp.detach() - old)
+    weight = ratio.clamp(max=2.0)
+    torch.testing.assert_close(out.loss.detach(), -weight * adv[:, None] * logp.detach())
+    out.loss.sum().backward()
+    torch.testing.assert_close(logp.grad, -weight * adv[:, None])
+    assert torch.equal(out.clipped, (ratio > 2.0) & (adv[:, None] > 0))
+    assert out.clipped.any() and (ratio > 2.0).any() and not out.clipped.all()
+
+
+def test_cispo_normalizes_like_dapo_and_needs_epsilon_high():
+    from sparselayer.config import TrainConfig
+    from sparselayer.errors import ConfigError
+
+    mask = _mask()
+    assert torch.equal(token_weights(mask, "cispo", 8, [[0, 1], [2]]), token_weights(mask, "dapo", 8, [[0], [1, 2]]))
+    with pytest.raises(ConfigError, match="--epsilon-high"):
+        TrainConfig.from_mapping({"loss_type": "cispo"}).validate()
+    TrainConfig.from_mapping({"loss_type": "cispo", "epsilon_high": 5.0}).validate()
+    with pytest.raises(ValueError, match="unknown loss type"):
+        per_token_loss(torch.zeros(2, 2), torch.zeros(2, 2), torch.zeros(2), 0.2, 0.2, loss_type="gspo")

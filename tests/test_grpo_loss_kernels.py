@@ -1,38 +1,47 @@
-"""Fused LM-head GRPO loss (chunked PyTorch and Triton) against a float64 materialized-logits reference."""
+"""Fused LM-head log-probs and the GRPO loss on them (chunked PyTorch and Triton) against a float64
+materialized-logits reference, for every loss type of `sparselayer.objective`."""
 from __future__ import annotations
 
+import ast
 import math
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import pytest
 import torch
 
-# The Triton kernels are built when sparselayer.kernels.grpo_loss_triton is first imported, and they run
+# The Triton kernels are built when sparselayer.kernels.head_logprobs_triton is first imported, and they run
 # on CPU tensors only under the interpreter, so it is switched on before that import (CPU hosts only).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from sparselayer.kernels.grpo_loss import (  # noqa: E402
-    ENV_BACKEND, fused_grpo_loss, fused_logprobs, grpo_loss, logprobs, resolve_backend, triton_available)
-from sparselayer.kernels.grpo_loss_reference import (  # noqa: E402
-    per_token_grpo_loss, reference_grpo_loss, reference_logprobs)
-from sparselayer.rl.grpo import per_token_loss, token_weights  # noqa: E402
+from sparselayer.kernels import (  # noqa: E402
+    fused_grpo_loss, fused_logprobs, grpo_loss, head_logprobs, logprobs, reference_grpo_loss, reference_logprobs,
+    triton_grpo_loss, triton_logprobs)
+from sparselayer.kernels.backend import ENV_BACKEND, resolve_backend, triton_available  # noqa: E402
+from sparselayer.objective import LOSS_TYPES, per_token_loss, token_weights  # noqa: E402
 
 HAS_TRITON = triton_available()
 TRITON_RUNS = HAS_TRITON and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
 needs_triton = pytest.mark.skipif(not TRITON_RUNS, reason="triton not installed (or no CUDA and no interpreter)")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
+EPSILON = 0.2
+EPSILON_HIGH = {"cispo": 1.2}  # CISPO caps the ratio itself (ratios here spread ~exp(+-0.3)); the others: 0.28
+BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
 LossFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+KERNELS_DIR = Path(__file__).resolve().parents[1] / "sparselayer" / "kernels"
 
 
 @dataclass
 class Case:
     """Flat per-token inputs built from a padded B x T batch, as the trainer would produce them."""
 
+    loss_type: str
     hidden: torch.Tensor
     weight: torch.Tensor
     targets: torch.Tensor
@@ -44,6 +53,10 @@ class Case:
     temperature: float
     beta: float
     pad: torch.Tensor  # bool (N,), True on padding tokens
+
+    @property
+    def epsilon_high(self) -> float:
+        return EPSILON_HIGH.get(self.loss_type, 0.28)
 
 
 def make_case(seed: int, loss_type: str, dtype: torch.dtype, temperature: float = 1.0, beta: float = 0.0,
@@ -65,12 +78,19 @@ def make_case(seed: int, loss_type: str, dtype: torch.dtype, temperature: float 
     adv = torch.randn(batch, generator=g).repeat_interleave(length)
     ref = logp + 0.2 * torch.randn(n, generator=g) if beta > 0 else None
     tis_w = torch.rand(n, generator=g) * 1.5 if tis else None
-    return Case(h, w, targets, old, adv, weights, ref, tis_w, temperature, beta, ~mask.reshape(-1))
+    return Case(loss_type, h, w, targets, old, adv, weights, ref, tis_w, temperature, beta, ~mask.reshape(-1))
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     """Norm-wise relative error of got against the float64 truth."""
-    return ((got.double() - want).norm() / want.norm().clamp(min=1e-30)).item()
+    return ((got.double().cpu() - want).norm() / want.norm().clamp(min=1e-30)).item()
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
+    """got finite and within `tol` relative (norm-wise) of want: a NaN never passes."""
+    assert torch.isfinite(got).all(), "non-finite values"
+    err = rel_err(got, want)
+    assert err < tol, f"relative error {err:.3g} >= {tol:g}"
 
 
 def to_device(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -78,16 +98,22 @@ def to_device(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.to(DEVICE)
 
 
-def run_loss(fn: LossFn, case: Case,
-             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, logp, dH, weight) from `fn` on leaf inputs of `dtype`; the weight requires grad to catch a dW."""
+def loss_args(case: Case, hidden: torch.Tensor, weight: torch.Tensor) -> tuple:
+    """The positional arguments of every grpo_loss variant, on the test device."""
+    return (hidden, weight, case.targets.to(DEVICE), to_device(case.old_logp), case.advantages.to(DEVICE),
+            case.token_weights.to(DEVICE), EPSILON, case.epsilon_high, case.beta, to_device(case.ref_logp),
+            to_device(case.tis_weights), case.temperature)
+
+
+def run_loss(fn: LossFn, case: Case, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, logp, dH) from `fn` on leaf inputs of `dtype`; a head weight that requires grad must be refused."""
     h = case.hidden.to(DEVICE, dtype, copy=True).requires_grad_()
-    w = case.weight.to(DEVICE, dtype, copy=True).requires_grad_()
-    loss, logp = fn(h, w, case.targets.to(DEVICE), case.old_logp.to(DEVICE), case.advantages.to(DEVICE),
-                    case.token_weights.to(DEVICE), 0.2, 0.28, case.beta, to_device(case.ref_logp),
-                    to_device(case.tis_weights), case.temperature)
+    w = case.weight.to(DEVICE, dtype, copy=True)
+    with pytest.raises(ValueError, match="weight"):  # the fused path never computes a dW: it must say so
+        fn(*loss_args(case, h, w.clone().requires_grad_()), loss_type=case.loss_type)
+    loss, logp = fn(*loss_args(case, h, w), loss_type=case.loss_type)
     loss.backward()
-    return loss.detach().cpu(), logp.detach().cpu(), h.grad.cpu(), w
+    return loss.detach().cpu(), logp.detach().cpu(), h.grad.cpu()
 
 
 def reference(case: Case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
@@ -99,26 +125,27 @@ def reference(case: Case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, flo
     h = case.hidden.double().requires_grad_()
     opt = lambda t: None if t is None else t.double()  # noqa: E731
     loss, logp = reference_grpo_loss(h, case.weight.double(), case.targets, case.old_logp.double(),
-                                     case.advantages.double(), case.token_weights.double(), 0.2, 0.28, case.beta,
-                                     opt(case.ref_logp), opt(case.tis_weights), case.temperature)
+                                     case.advantages.double(), case.token_weights.double(), EPSILON,
+                                     case.epsilon_high, case.beta, opt(case.ref_logp), opt(case.tis_weights),
+                                     case.temperature, loss_type=case.loss_type)
     loss.backward()
-    terms = per_token_grpo_loss(logp.detach(), case.old_logp.double(), case.advantages.double(), 0.2, 0.28,
-                                case.beta, opt(case.ref_logp), opt(case.tis_weights))
+    terms = per_token_loss(logp.detach(), case.old_logp.double(), case.advantages.double(), EPSILON,
+                           case.epsilon_high, case.beta, opt(case.ref_logp), opt(case.tis_weights),
+                           case.loss_type).loss
     return loss.detach(), logp.detach(), h.grad, (case.token_weights.double() * terms).abs().sum().item()
 
 
 def check_against_reference(fn: LossFn, case: Case, dtype: torch.dtype, tol: float | None = None) -> None:
     """logp, loss and dH within the dtype's tolerance, all finite, padding rows zero, no weight gradient."""
-    loss, logp, dh, w = run_loss(fn, case, dtype)
+    loss, logp, dh = run_loss(fn, case, dtype)
     ref_loss, ref_logp, ref_dh, loss_scale = reference(case)
     for got in (loss, logp, dh):
         assert torch.isfinite(got).all()
-    assert w.grad is None
     assert dh.dtype == dtype and logp.dtype == torch.float32
     tol = TOLERANCE[dtype] if tol is None else tol
-    assert rel_err(logp, ref_logp) < TOLERANCE[dtype]
+    assert_close(logp, ref_logp, TOLERANCE[dtype])
     assert abs(loss.double().item() - ref_loss.item()) / loss_scale < tol
-    assert rel_err(dh, ref_dh) < tol
+    assert_close(dh, ref_dh, tol)
     assert (dh[case.pad] == 0).all()
 
 
@@ -128,21 +155,31 @@ CASES = [
     ("dr_grpo", torch.float32, 0.7, 0.04, False),
     ("dapo", torch.float32, 1.3, 0.0, True),
     ("bnpo", torch.float32, 0.7, 0.1, True),
+    ("cispo", torch.float32, 0.9, 0.04, True),
     ("grpo", torch.bfloat16, 0.7, 0.04, True),
     ("dr_grpo", torch.bfloat16, 1.0, 0.0, False),
     ("dapo", torch.bfloat16, 1.0, 0.1, False),
     ("bnpo", torch.bfloat16, 1.3, 0.0, True),
+    ("cispo", torch.bfloat16, 1.0, 0.0, False),
 ]
 
 
 def test_cases_cover_every_loss_type_in_both_dtypes():
+    assert "cispo" in LOSS_TYPES
     for dtype in TOLERANCE:
         assert sorted(c[0] for c in CASES if c[1] == dtype) == sorted(LOSS_TYPES)
 
 
+def test_cispo_cap_binds_in_its_cases():
+    """The CISPO cases exercise the cap: some ratios exceed epsilon_high, most do not."""
+    case = make_case(1, "cispo", torch.float32)
+    ratio = torch.exp(reference_logprobs(case.hidden.double(), case.weight.double(), case.targets) - case.old_logp)
+    assert 0 < (ratio > case.epsilon_high).sum() < ratio.numel() / 2
+
+
 def torch_loss(chunk_tokens: int = 16, chunk_vocab: int = 64) -> LossFn:
     """The chunked PyTorch path with tiles that do not divide N = 39 or V = 300."""
-    return lambda *args: fused_grpo_loss(*args, chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab)
+    return lambda *args, **kw: fused_grpo_loss(*args, **kw, chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab)
 
 
 @pytest.mark.parametrize("loss_type,dtype,temperature,beta,tis", CASES)
@@ -169,8 +206,25 @@ def test_torch_large_logits_and_on_policy(dtype):
     check_against_reference(torch_loss(), case, dtype, LARGE_LOGITS_TOL[dtype])
 
 
+@pytest.mark.parametrize("loss_type", ["grpo", "cispo"])
+def test_old_logp_none_is_on_policy(loss_type):
+    """old_logp=None: the old log-probs are the policy's own, detached (ratio exactly 1)."""
+    case = make_case(9, loss_type, torch.float32, 0.8, 0.05, True)
+    case.old_logp = None
+    h = case.hidden.clone().requires_grad_()
+    loss, _ = fused_grpo_loss(*loss_args(case, h, case.weight), loss_type=loss_type, chunk_tokens=16, chunk_vocab=64)
+    loss.backward()
+    h64 = case.hidden.double().requires_grad_()
+    args64 = [t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+              for t in loss_args(case, h64, case.weight.double())]
+    ref_loss, _ = reference_grpo_loss(*args64, loss_type=loss_type)
+    ref_loss.backward()
+    assert abs(loss.item() - ref_loss.item()) < 1e-5 * abs(ref_loss.item())
+    assert_close(h.grad, h64.grad, 1e-5)
+
+
 def test_reference_agrees_with_trainer_loss():
-    """The flat reference equals (token_weights * rl.grpo.per_token_loss).sum() on the B x T batch."""
+    """The flat reference equals (token_weights * objective.per_token_loss).sum() on the B x T batch."""
     case = make_case(4, "grpo", torch.float64, 1.0, 0.1, False)
     loss, logp = reference_grpo_loss(case.hidden, case.weight, case.targets, case.old_logp.double(),
                                      case.advantages.double(), case.token_weights.double(), 0.2, 0.28, 0.1,
@@ -190,8 +244,11 @@ def test_fused_logprobs_and_dispatch(monkeypatch):
     monkeypatch.delenv(ENV_BACKEND, raising=False)
     assert rel_err(logprobs(case.hidden, case.weight, case.targets, 0.8, backend="torch"), want) < 1e-5
     loss, _ = grpo_loss(case.hidden, case.weight, case.targets, case.old_logp, case.advantages, case.token_weights,
-                        0.2, 0.28, 0.0, temperature=0.8, backend="torch")
+                        0.2, 0.28, 0.0, temperature=0.8, backend="torch", loss_type="dapo")
     assert abs(loss.item() - reference(case)[0].item()) / reference(case)[3] < 1e-5
+    # the no-grad passes accept a head weight that requires grad (nothing is differentiated there)
+    trained_head = case.weight.clone().requires_grad_()
+    assert rel_err(logprobs(case.hidden, trained_head, case.targets, 0.8, backend="torch"), want) < 1e-5
 
 
 def test_backend_resolution(monkeypatch):
@@ -218,6 +275,12 @@ def test_input_errors():
         fused_grpo_loss(*args, 0.1)
     with pytest.raises(ValueError, match="weight"):
         fused_grpo_loss(case.hidden, case.weight[:, :5], *args[2:], 0.0)
+    with pytest.raises(ValueError, match="targets"):
+        head_logprobs(case.hidden, case.weight, case.targets[:-1], backend="torch")
+    with pytest.raises(ValueError, match="loss type"):
+        fused_grpo_loss(*args, 0.0, loss_type="ppo")
+    with pytest.raises(ValueError, match="must not require grad"):
+        head_logprobs(case.hidden, case.weight.clone().requires_grad_(), case.targets, backend="torch")
 
 
 def test_torch_never_allocates_tokens_by_vocab():
@@ -241,14 +304,86 @@ def test_torch_never_allocates_tokens_by_vocab():
     assert 0 < peak < n * vocab * 4 / 4  # one 64 x 1024 tile is n * vocab * 4 / 16 bytes
 
 
+# ---------------------------------------------------------------------------------- head_logprobs alone
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_logprobs_backward_matches_reference_autograd(backend, dtype):
+    """For an arbitrary upstream gradient (zeros included: skipped tokens), dH equals autograd through
+    the materialized-logits reference in float64."""
+    case = make_case(10, "grpo", dtype, temperature=0.7, hidden=40)
+    g = torch.Generator().manual_seed(11)
+    upstream = torch.randn(case.targets.shape[0], generator=g) * (torch.rand(case.targets.shape[0], generator=g) > 0.3)
+    h = case.hidden.to(DEVICE, copy=True).requires_grad_()
+    logp = head_logprobs(h, case.weight.to(DEVICE), case.targets.to(DEVICE), 0.7, backend=backend)
+    logp.backward(upstream.to(DEVICE))
+    h64 = case.hidden.double().requires_grad_()
+    ref = reference_logprobs(h64, case.weight.double(), case.targets, 0.7)
+    ref.backward(upstream.double())
+    assert logp.dtype == torch.float32 and h.grad.dtype == dtype
+    assert_close(logp.detach(), ref.detach(), TOLERANCE[dtype])
+    assert_close(h.grad, h64.grad, TOLERANCE[dtype])
+    assert (h.grad[upstream == 0] == 0).all()
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy warns on the NaN row
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_head_logprobs_nan_propagates(backend):
+    """A NaN hidden row gives a NaN log-prob and gradient on that token only (it is never hidden)."""
+    case = make_case(12, "grpo", torch.float32, hidden=40)
+    h = case.hidden.to(DEVICE, copy=True)
+    h[5, 3] = float("nan")
+    h.requires_grad_()
+    logp = head_logprobs(h, case.weight.to(DEVICE), case.targets.to(DEVICE), backend=backend)
+    logp.sum().backward()
+    others = torch.arange(h.shape[0], device=h.device) != 5
+    assert torch.isnan(logp[5]) and torch.isfinite(logp[others]).all()
+    assert torch.isnan(h.grad[5]).all() and torch.isfinite(h.grad[others]).all()
+
+
+# ----------------------------------------------------------------------------------------- module layout
+
+
+def kernel_imports() -> dict[str, set[str]]:
+    """For each module of sparselayer/kernels, the sibling kernel modules it imports (relative, level 1)."""
+    modules = {p.stem for p in KERNELS_DIR.glob("*.py") if p.stem != "__init__"}
+    graph = {}
+    for name in modules:
+        tree = ast.parse((KERNELS_DIR / f"{name}.py").read_text())
+        graph[name] = {node.module.split(".")[0] for node in ast.walk(tree)
+                       if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module} & modules
+    return graph
+
+
+def test_kernel_modules_form_no_cycle_and_triton_modules_stay_apart():
+    graph = kernel_imports()
+    for name, deps in graph.items():
+        if name.endswith("_triton"):
+            assert deps <= {"backend", "triton_common"}, name
+        if name.startswith("norm_mlp"):
+            assert not any(d.startswith(("head_logprobs", "grpo_loss")) for d in deps), name
+        if name.startswith(("head_logprobs", "grpo_loss")):
+            assert not any(d.startswith("norm_mlp") for d in deps), name
+    seen: set[str] = set()
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        assert name not in path, f"import cycle {' -> '.join(path + (name,))}"
+        if name not in seen:
+            seen.add(name)
+            for dep in graph[name]:
+                visit(dep, path + (name,))
+
+    for name in graph:
+        visit(name, ())
+
+
+def test_package_import_does_not_import_triton():
+    code = "import sys, sparselayer.kernels; assert 'triton' not in sys.modules, 'triton was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+
+
 # ----------------------------------------------------------------------------------------------- Triton
-
-
-def triton_loss() -> LossFn:
-    """The Triton path (imported here, after TRITON_INTERPRET is set)."""
-    from sparselayer.kernels.grpo_loss_triton import triton_grpo_loss
-
-    return triton_grpo_loss
 
 
 @needs_triton
@@ -256,15 +391,17 @@ def triton_loss() -> LossFn:
 def test_triton_matches_reference(loss_type, dtype, temperature, beta, tis):
     # N = 39, V = 300, H = 40: none a multiple of the blocks (16 x 64 x 32 interpreted)
     case = make_case(7, loss_type, dtype, temperature, beta, tis, hidden=40)
-    check_against_reference(triton_loss(), case, dtype)
+    check_against_reference(triton_grpo_loss, case, dtype)
 
 
 @needs_triton
 def test_triton_large_logits_on_policy_and_dispatch(monkeypatch):
     case = make_case(8, "grpo", torch.float32, 0.5, 0.1, False, logit_scale=80.0, on_policy=True)
-    check_against_reference(triton_loss(), case, torch.float32, LARGE_LOGITS_TOL[torch.float32])
+    check_against_reference(triton_grpo_loss, case, torch.float32, LARGE_LOGITS_TOL[torch.float32])
     monkeypatch.setenv(ENV_BACKEND, "triton")
     check_against_reference(grpo_loss, case, torch.float32, LARGE_LOGITS_TOL[torch.float32])
     want = reference_logprobs(case.hidden.double(), case.weight.double(), case.targets, 0.5)
     got = logprobs(case.hidden.to(DEVICE), case.weight.to(DEVICE), case.targets.to(DEVICE), 0.5)
     assert rel_err(got.cpu(), want) < 1e-5
+    got = triton_logprobs(case.hidden.to(DEVICE), case.weight.to(DEVICE), case.targets.to(DEVICE), 0.5)
+    assert rel_err(got.cpu(), want) < 1e-5 and not got.requires_grad

@@ -17,7 +17,7 @@ from helpers import DigitShareTask  # noqa: E402
 from sparselayer.config import TrainConfig  # noqa: E402
 from sparselayer.errors import ConfigError  # noqa: E402
 from sparselayer.kernels import norm_mlp  # noqa: E402
-from sparselayer.kernels.grpo_loss import ENV_BACKEND, triton_available  # noqa: E402
+from sparselayer.kernels.backend import ENV_BACKEND, triton_available  # noqa: E402
 from sparselayer.kernels.norm_mlp import frozen_mlp, rms_norm, swiglu  # noqa: E402
 from sparselayer.kernels.norm_mlp_reference import reference_mlp, reference_rms_norm, reference_swiglu  # noqa: E402
 from sparselayer.kernels.patch import patched_modules, resolve_kernels, restore_forward, use_fused_kernels  # noqa: E402

@@ -10,14 +10,14 @@ import torch
 
 from helpers import DigitShareTask
 from sparselayer.config import TrainConfig
+from sparselayer.errors import ConfigError
 from sparselayer.optim import MasterAdamW, MasterWeights, build_optimizer, grad_tensors
 from sparselayer.runs import RunDir
 from sparselayer.train import restore_checkpoint, save_checkpoint
 from sparselayer.trainer import Trainer
 
 
-def _config(**values) -> TrainConfig:
-    return TrainConfig.from_mapping({"learning_rate": 1e-4, **values})
+LR = 1e-4
 
 
 def _steps(optimizer, param: torch.Tensor, grad: torch.Tensor, n: int) -> None:
@@ -36,7 +36,7 @@ def test_master_weights_keep_updates_that_bf16_rounds_away():
     assert torch.equal(plain.detach(), torch.ones(64, dtype=torch.bfloat16)), "bf16 AdamW lost the updates"
 
     param = torch.ones(64, dtype=torch.bfloat16, requires_grad=True)
-    optimizer = build_optimizer([param], _config())
+    optimizer = build_optimizer([param], lr=LR)
     assert isinstance(optimizer, MasterAdamW)
     _steps(optimizer, param, grad, 100)
     master = optimizer.masters[0]
@@ -51,7 +51,7 @@ def test_micro_batch_gradients_are_summed_in_fp32():
     gradients (bit for bit), the bf16 .grad is freed, and clipping sees the fp32 sum."""
     torch.manual_seed(0)
     layer = torch.nn.Linear(16, 16, bias=False).to(torch.bfloat16)
-    optimizer = build_optimizer([layer.weight], _config())
+    optimizer = build_optimizer([layer.weight], lr=LR)
     inputs = [torch.randn(4, 16, dtype=torch.bfloat16) for _ in range(8)]
     singles = [torch.autograd.grad(layer(x).float().pow(2).sum(), layer.weight)[0] for x in inputs]
     want = torch.zeros(16, 16)
@@ -74,10 +74,10 @@ def test_micro_batch_gradients_are_summed_in_fp32():
 
 def test_fp32_parameters_get_plain_adamw_and_groups_keep_their_lr():
     fp32 = torch.zeros(4, requires_grad=True)
-    assert type(build_optimizer([fp32], _config())) is torch.optim.AdamW
+    assert type(build_optimizer([fp32], lr=LR)) is torch.optim.AdamW
     a, b = torch.zeros(4, dtype=torch.bfloat16, requires_grad=True), torch.zeros(4, dtype=torch.bfloat16,
                                                                                   requires_grad=True)
-    optimizer = build_optimizer([{"params": [a]}, {"params": [b], "lr": 3e-3}], _config())
+    optimizer = build_optimizer([{"params": [a]}, {"params": [b], "lr": 3e-3}], lr=LR)
     assert [g["lr"] for g in optimizer.param_groups] == [1e-4, 3e-3]
     assert all(p.dtype == torch.float32 for g in optimizer.param_groups for p in g["params"])
 
@@ -88,25 +88,24 @@ def test_state_dict_round_trip_continues_identically(optim):
     torch.manual_seed(0)
     start = torch.randn(128, 64).to(torch.bfloat16)
     grads = [torch.randn(128, 64).to(torch.bfloat16) for _ in range(6)]
-    cfg = _config(optim=optim)
 
     def run(param, optimizer, gs):
         for g in gs:
             _steps(optimizer, param, g, 1)
 
     straight = start.clone().requires_grad_(True)
-    opt = build_optimizer([straight], cfg)
+    opt = build_optimizer([straight], optim, LR)
     run(straight, opt, grads)
 
     first = start.clone().requires_grad_(True)
-    opt1 = build_optimizer([first], cfg)
+    opt1 = build_optimizer([first], optim, LR)
     run(first, opt1, grads[:3])
     buffer = io.BytesIO()
     torch.save(opt1.state_dict(), buffer)
     saved = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
     assert len(saved["master_weights"]) == 1 and saved["master_weights"][0].dtype == torch.float32
     resumed = first.detach().clone().requires_grad_(True)  # what trained.safetensors holds: bf16
-    opt2 = build_optimizer([resumed], cfg)
+    opt2 = build_optimizer([resumed], optim, LR)
     opt2.load_state_dict(saved)
     assert torch.equal(opt2.masters[0], opt1.masters[0])
     run(resumed, opt2, grads[3:])
@@ -116,15 +115,20 @@ def test_state_dict_round_trip_continues_identically(optim):
 
 def test_adamw8bit_runs_on_cpu_with_8bit_state():
     param = torch.nn.Parameter(torch.randn(256, 64))  # >= 4096 elements: bitsandbytes keeps 8-bit moments
-    optimizer = build_optimizer([param], _config(optim="adamw8bit"))
+    optimizer = build_optimizer([param], "adamw8bit", LR)
     assert isinstance(optimizer, bnb.optim.AdamW8bit) and not isinstance(optimizer, MasterWeights)
     before = param.detach().clone()
     _steps(optimizer, param, torch.randn(256, 64), 2)
     assert not torch.equal(param.detach(), before) and torch.isfinite(param).all()
     assert optimizer.state[param]["state1"].dtype == torch.uint8
     low = torch.nn.Parameter(torch.randn(256, 64, dtype=torch.bfloat16))
-    wrapped = build_optimizer([low], _config(optim="adamw8bit"))
+    wrapped = build_optimizer([low], "adamw8bit", LR)
     assert isinstance(wrapped, MasterWeights) and isinstance(wrapped, bnb.optim.AdamW8bit)
+
+
+def test_unknown_optimizer_refused():
+    with pytest.raises(ConfigError, match="--optim must be adamw or adamw8bit"):
+        build_optimizer([torch.zeros(4, requires_grad=True)], "sgd", LR)
 
 
 def _trainer(model, **extra) -> Trainer:

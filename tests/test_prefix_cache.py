@@ -8,6 +8,7 @@ from helpers import DigitShareTask
 from sparselayer.config import TrainConfig
 from sparselayer.model.prefix_cache import compute_prefix, logprobs_from_prefix
 from sparselayer.model.logprobs import completion_logprobs
+from sparselayer.model.forward import CachedPrefixForward, FullForward
 from sparselayer.trainer import Trainer
 
 
@@ -39,13 +40,16 @@ def test_cached_step_gives_same_loss_and_gradient(tiny_model):
     full-parameter autograd reference are in test_gradients.py)."""
     trainer = _trainer(tiny_model, quant="none")
     assert trainer.quant == "none" and trainer.model.dtype == torch.float32
+    assert isinstance(trainer.forward, CachedPrefixForward)
     sb = trainer.rollout_batch()
-    sb.ref_logp = trainer._logprobs_no_grad(sb)  # beta > 0: reference pass (uncached)
+    cached_forward, trainer.forward = trainer.forward, FullForward(trainer.model)  # the plain path first
+    sb.ref_logp = trainer.policy_logprobs(sb)  # beta > 0: reference pass (uncached)
     plain_stats = trainer.accumulate_gradients(sb)
     plain = {n: p.grad.clone() for n, p in trainer.trained.items()}
     trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.forward = cached_forward
     trainer.attach_prefix(sb)
-    assert _rel(trainer._logprobs_no_grad(sb), sb.ref_logp) <= 1e-5
+    assert _rel(trainer.policy_logprobs(sb), sb.ref_logp) <= 1e-5
     cached_stats = trainer.accumulate_gradients(sb)
     assert cached_stats["loss"] == pytest.approx(plain_stats["loss"], rel=1e-5)
     for name, p in trainer.trained.items():

@@ -10,14 +10,14 @@ import torch
 from torch import nn
 
 from conftest import make_tiny_model
-from helpers import DigitShareTask
+from helpers import DigitShareTask, full_forward_logprobs
 from sparselayer.cli import main
 from sparselayer.config import TrainConfig
 from sparselayer.errors import ConfigError
 from sparselayer.model.layout import freeze_except, load_model
 from sparselayer.model.logprobs import completion_logprobs
 from sparselayer.model.quant import quantize_frozen, quantized_linear, resolve_quant
-from sparselayer.rollout.base import Batch
+from sparselayer.batch import Batch
 from sparselayer.trainer import Trainer
 
 BNB_TYPES = {"nf4": bnb.nn.Linear4bit, "int8": bnb.nn.Linear8bitLt}
@@ -112,7 +112,7 @@ def test_training_step_with_quantized_frozen_layers(tiny_model, mode):
     # direction to the dense model's gradient on the same batch (measured minimum cosine: nf4 0.937, int8 0.9998)
     dense = _trainer(tiny_model, "none")
     sb = dense.rollout_batch()
-    sb.ref_logp = dense._logprobs_no_grad(sb)  # one reference for both (beta > 0)
+    sb.ref_logp = full_forward_logprobs(dense, sb)  # one reference for both (beta > 0)
     reference, quantized = _grads(dense, sb), _grads(trainer, sb)
     for name, ref in reference.items():
         cos = torch.nn.functional.cosine_similarity(quantized[name].flatten(), ref.flatten(), dim=0)

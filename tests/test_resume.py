@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from sparselayer.errors import RunError
 from sparselayer.runs import RunDir
 
 STEPS = 8
@@ -63,3 +64,20 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_model, tmp_path):
         assert (a[name] - b[name]).abs().max() <= 1e-6, name
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == list(range(1, STEPS + 1)), "metrics.jsonl holds each step exactly once"
+
+
+def test_summary_round_trip_and_bad_summary(tmp_path):
+    """RunDir owns summary.json: {} before the first write, an atomic replace after, a RunError when corrupt."""
+    run = RunDir(tmp_path / "run")
+    assert run.read_summary() == {}
+    run.write_summary({"steps": 3, "base_accuracy": 0.25})
+    run.write_summary({"steps": 4, "base_accuracy": 0.25, "final_accuracy": 0.5})
+    assert run.read_summary() == {"steps": 4, "base_accuracy": 0.25, "final_accuracy": 0.5}
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 4
+    assert not [p for p in run.path.iterdir() if p.name != "summary.json"]  # no temporary file left
+    run.summary_path.write_text("{not json")
+    with pytest.raises(RunError, match="not valid JSON"):
+        run.read_summary()
+    run.summary_path.write_text("[1, 2]")
+    with pytest.raises(RunError, match="JSON object"):
+        run.read_summary()

@@ -19,7 +19,7 @@ import torch
 
 from conftest import make_tiny_model
 from sparselayer.errors import DeltaError
-from sparselayer.rollout import delta as D
+from sparselayer.sync import delta as D
 
 LAYER = "model.layers.2."
 SEQUENCE = list(range(5, 25))  # a fixed token sequence for prompt log-probs
@@ -88,7 +88,7 @@ def _hf_logprobs(model_dir: Path, layer: dict[str, torch.Tensor], token_ids: lis
     """transformers' log-probs of the bf16-rounded model with `layer` loaded (float32 compute)."""
     from transformers import AutoModelForCausalLM
 
-    from sparselayer.rollout.sync import trainer_logprobs
+    from sparselayer.sync.check import trainer_logprobs
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     state = {**model.state_dict(), **{k: v.float() for k, v in layer.items()}}
@@ -162,7 +162,7 @@ def test_trainer_pushes_sparse_deltas_and_stays_in_sync(server, tmp_path):
     assert trainer.check_sync() < D_TOLERANCE
 
 
-D_TOLERANCE = 0.1  # bf16 serving vs float32 trainer, as in sparselayer.rollout.sync
+D_TOLERANCE = 0.1  # bf16 serving vs float32 trainer, as in sparselayer.sync.check
 
 
 def _logprobs(engine) -> list[float]:
@@ -223,8 +223,7 @@ def test_serve_bad_model_folder_is_one_line_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "sparselayer.cli", "serve", "--model", str(tmp_path / "nope")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"sparselayer: error: {tmp_path / 'nope'} is not a Hugging Face "
-                                                f"model folder (no config.json)"]
+    assert proc.stderr.strip().splitlines() == [f"sparselayer: error: model path does not exist: {tmp_path / 'nope'}"]
 
 
 def test_remote_engine_unreachable_server_is_clear():
@@ -241,7 +240,7 @@ def test_tied_embedding_push_refused_on_cpu():
     pytest.importorskip("fastapi")
     import json
 
-    from sparselayer.serve import DeltaState, refused_tensors
+    from sparselayer.sync.server import DeltaState, refused_tensors
 
     model = Path(__file__).resolve().parents[1] / "sparselayer" / "data" / "default_model"  # tied embeddings
     state = DeltaState(model, D.checkpoint_shapes(model), refused=refused_tensors(json.loads(

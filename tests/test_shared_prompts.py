@@ -12,7 +12,7 @@ from sparselayer.model.logprobs import completion_logprobs
 from sparselayer.errors import ConfigError
 from sparselayer.model.prefix_cache import SHARE_MIN_FLOPS, compute_prefix, distinct_prompts, logprobs_from_prefix
 from sparselayer.packing import pack_groups
-from sparselayer.rollout.base import Batch
+from sparselayer.batch import Batch
 from sparselayer.tasks.base import Example
 from sparselayer.trainer import Trainer
 
@@ -67,8 +67,8 @@ def test_shared_prompts_same_loss_and_gradient(tiny_model, attn, checkpointing):
                            gradient_checkpointing=checkpointing)
         sb = trainer.rollout_batch()
         trainer.attach_prefix(sb)
-        assert all((e.shared is not None) == share for e in sb.prefix)
-        ref = sb.ref_logp = trainer._logprobs_no_grad(sb)
+        assert all((e.shared is not None) == share for e in sb.inputs.items)
+        ref = sb.ref_logp = trainer.policy_logprobs(sb)
         stats = trainer.accumulate_gradients(sb)
         results[share] = (ref, stats["loss"], {n: p.grad.clone() for n, p in trainer.trained.items()})
     (ref0, loss0, grads0), (ref1, loss1, grads1) = results[False], results[True]
@@ -103,8 +103,8 @@ def test_shared_prompts_with_quantized_frozen_layers(tiny_model, quant):
         assert trainer.quant == quant
         sb = trainer.rollout_batch()
         trainer.attach_prefix(sb)
-        assert all((e.shared is not None) == (share == "on") for e in sb.prefix)
-        sb.ref_logp = trainer._logprobs_no_grad(sb)
+        assert all((e.shared is not None) == (share == "on") for e in sb.inputs.items)
+        sb.ref_logp = trainer.policy_logprobs(sb)
         trainer.accumulate_gradients(sb)
         results[share] = (sb.ref_logp, {n: p.grad.clone() for n, p in trainer.trained.items()})
     assert _rel(results["on"][0], results["off"][0]) <= 1e-5

@@ -10,7 +10,8 @@ import yaml
 from sparselayer.cli import main
 from sparselayer.config import TrainConfig
 from sparselayer.errors import ConfigError
-from sparselayer.model.layer_select import middle_layers, read_ranking, select_layers
+from sparselayer.contributions import read_ranking, resolve_layers
+from sparselayer.model.layer_select import middle_layers, needs_ranking, select_layers
 from sparselayer.model.layout import parse_layers
 from sparselayer.sweep import RunResult, compare_sweeps, contribution, run_sweep, summarize, write_outputs
 from sparselayer.trainer import Trainer
@@ -56,8 +57,21 @@ def test_outputs_csv_json_png_and_top_k(tmp_path):
     assert (folder / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((folder / "sweep.json").read_text())["ranking"] == [3, 5, 0, 7]
     assert read_ranking(csv_path) == [3, 5, 0, 7]
-    assert select_layers("top:2", 8, csv_path) == [3, 5]
-    assert parse_layers("top:3", 8, str(csv_path)) == [0, 3, 5]
+    assert select_layers("top:2", 8, read_ranking(csv_path)) == [3, 5]
+    assert resolve_layers("top:3", 8, str(csv_path)) == [0, 3, 5]
+    assert parse_layers("top:3", 8, read_ranking(csv_path)) == [0, 3, 5]
+
+
+def test_ranking_is_read_only_for_top_k(tmp_path):
+    """Layer selection takes a ranking, not a file: the CSV is opened only when the spec is top:k."""
+    assert needs_ranking("top:3") and needs_ranking(" TOP:1 ") and not needs_ranking("mid:3")
+    assert not needs_ranking("16") and not needs_ranking("all")
+    missing = tmp_path / "missing.csv"
+    assert resolve_layers("mid:3", 28, missing) == [12, 13, 14]
+    assert resolve_layers("10,16", 28, missing) == [10, 16] and resolve_layers("all", 28, missing) is None
+    assert select_layers("top:2", 8, [6, 1, 3]) == [1, 6]
+    with pytest.raises(ConfigError, match="give --from sweep.csv"):
+        select_layers("top:2", 8)
 
 
 def test_middle_layers():
@@ -80,13 +94,15 @@ def test_bad_selections_refused(tmp_path, spec, ranking, fragment):
     elif ranking:
         ranking = tmp_path / ranking
     with pytest.raises(ConfigError, match=fragment):
-        parse_layers(spec, 24, ranking)
+        resolve_layers(spec, 24, ranking)
 
 
 def test_ranking_of_a_deeper_model_refused(tmp_path):
     csv_path, _ = _write_sweep(tmp_path, {None: [FULL], 20: [0.5]}, num_layers=24)
     with pytest.raises(ConfigError, match="deeper model"):
-        parse_layers("top:1", 8, str(csv_path))
+        resolve_layers("top:1", 8, str(csv_path))
+    with pytest.raises(ConfigError, match="deeper model"):
+        parse_layers("top:1", 8, [20])
 
 
 def test_not_a_sweep_csv_refused(tmp_path):

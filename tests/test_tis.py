@@ -8,8 +8,8 @@ from helpers import DigitShareTask
 from sparselayer.config import TrainConfig
 from sparselayer.model.layout import load_model
 from sparselayer.model.logprobs import completion_logprobs
-from sparselayer.rl.grpo import per_token_loss, tis_weights
-from sparselayer.rollout.base import Rollouts, collate
+from sparselayer.objective import per_token_loss, tis_weights
+from sparselayer.batch import Rollouts, collate
 from sparselayer.trainer import Trainer
 
 LAYER = 2

@@ -12,10 +12,10 @@ from sparselayer.config import TrainConfig
 from sparselayer.errors import ConfigError
 from sparselayer.model.layout import load_model
 from sparselayer.rollout import build_engine
-from sparselayer.rollout.changes import ChangeTracker, fused_siblings
 from sparselayer.rollout.hf import HFRolloutEngine
-from sparselayer.rollout.vllm_layout import plan_padding, write_padded_model
-from sparselayer.rollout.vllm_push import owning_modules
+from sparselayer.sync.changes import ChangeTracker, fused_siblings
+from sparselayer.sync.vllm_layout import plan_padding, write_padded_model
+from sparselayer.sync.vllm_push import owning_modules
 
 
 @pytest.mark.parametrize("model_type", ["qwen3", "llama"])

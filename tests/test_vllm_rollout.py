@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from sparselayer import TrainConfig, Trainer
 from sparselayer.errors import SyncError
-from sparselayer.rollout.sync import check_sync, trainer_logprobs
+from sparselayer.sync.check import check_sync, trainer_logprobs
 
 SEQUENCE = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]
 

@@ -16,34 +16,16 @@ Triton (`norm_mlp_triton`, CUDA, or CPU under TRITON_INTERPRET=1), picked by `ke
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 
-from .grpo_loss import resolve_backend
-from .norm_mlp_reference import norm_dtype
+from .backend import NormMLPKernels, resolve_backend
+from .backend import accumulation_dtype as norm_dtype
 
 # Row chunks of about this many elements (rows x width) bound the transients of the elementwise work and
 # of the frozen MLP's recomputation: small on CPU (memory is what matters there), larger on CUDA.
 CHUNK_ELEMENTS = 1 << 20
 CUDA_CHUNK_ELEMENTS = 1 << 24
-
-
-@dataclass(frozen=True)
-class NormMLPKernels:
-    """The four primitives a backend supplies; the autograd Functions below are shared."""
-
-    # (x (N, H), weight (H,), eps) -> (y (N, H), rstd (N,) float32)
-    rms_forward: Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
-    # (dy, x, weight, rstd, need_dw) -> (dx, dw or None)
-    rms_backward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool],
-                           tuple[torch.Tensor, torch.Tensor | None]]
-    # (gate, up) -> silu(gate) * up
-    swiglu_forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    # (d act, gate, up) -> (d gate, d up)
-    swiglu_backward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def row_chunks(rows: int, width: int, device: torch.device) -> list[slice]:
@@ -114,7 +96,7 @@ TORCH_KERNELS = NormMLPKernels(torch_rms_forward, torch_rms_backward, torch_swig
 
 
 def kernels_for(backend: str, device: torch.device) -> NormMLPKernels:
-    """The primitives of `backend` ('auto' | 'torch' | 'triton', resolved like the fused loss's)."""
+    """The primitives of `backend` ('auto' | 'torch' | 'triton'); Triton is imported only here."""
     if resolve_backend(backend, device) == "triton":
         from .norm_mlp_triton import triton_norm_mlp_kernels
 

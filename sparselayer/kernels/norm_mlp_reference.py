@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 # float64 for float64 inputs, float32 otherwise: the dtype the norm statistics are computed in
-from .grpo_loss_reference import accumulation_dtype as norm_dtype
+from .backend import accumulation_dtype as norm_dtype
 
 
 def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .grpo_loss_triton import INTERPRETED, check_operand
-from .norm_mlp import NormMLPKernels
+from .backend import NormMLPKernels
+from .triton_common import INTERPRETED, check_operand
 
 # Elements per program: rows x BLOCK_H for the norm, a flat block for SwiGLU. Small under the interpreter.
 NORM_TILE = 1024 if INTERPRETED else 8192

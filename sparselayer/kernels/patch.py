@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .grpo_loss import resolve_backend, triton_available
+from .backend import resolve_backend, triton_available
 from .norm_mlp import frozen_mlp, rms_norm, swiglu
 
 NORM_CLASSES = ("Qwen3RMSNorm", "Qwen2RMSNorm", "LlamaRMSNorm")

@@ -8,18 +8,19 @@ it, then dropped. On a CPU device the cache is in CPU memory already: the moves 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from .prefix_cache import LayerContext, PrefixEntry, SharedPrompts
 
 HOST = torch.device("cpu")
+NOT_ACTIVATIONS = {"batch"}  # PrefixEntry.batch (token ids): shared by an entry and its moved copies, not counted
 
 
 def entry_bytes(entry: PrefixEntry) -> int:
     """Bytes held by one cached entry's activations (hidden state and layer context)."""
-    return sum(t.numel() * t.element_size() for t in _tensors((entry.hidden, entry.context, entry.shared)))
+    return sum(t.numel() * t.element_size() for t in tensors_in(entry))
 
 
 class PrefixBudget:
@@ -46,32 +47,39 @@ class PrefixBudget:
 
 def move_entry(entry: PrefixEntry, device: torch.device, pin: bool = False, non_blocking: bool = False) -> PrefixEntry:
     """A copy of `entry` whose activations are on `device` (tensors already there are shared, not copied)."""
-    def move(t: Any) -> Any:
-        if not isinstance(t, torch.Tensor) or t.device == device:
+    def move(t: torch.Tensor) -> torch.Tensor:
+        if t.device == device:
             return t
         if pin:  # one copy, straight into page-locked memory
             return torch.empty_like(t, device=device, pin_memory=True).copy_(t)
         return t.to(device, non_blocking=non_blocking)
 
-    def move_context(ctx: LayerContext) -> LayerContext:
-        return LayerContext(move(ctx.position_ids), tuple(move(t) for t in ctx.position_embeddings),
-                            {k: move(v) for k, v in ctx.masks.items()})
-
-    s = entry.shared
-    shared = None if s is None else SharedPrompts(move(s.index), move_context(s.context), move(s.hidden))
-    return dataclasses.replace(entry, context=move_context(entry.context), hidden=move(entry.hidden), shared=shared)
+    return map_tensors(entry, move)
 
 
-def _tensors(obj: Any) -> list[torch.Tensor]:
-    """Every tensor inside nested tuples, dicts and LayerContexts."""
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """`obj` rebuilt with `fn` applied to every activation tensor it holds: the one walk over a cached
+    entry's structure (PrefixEntry, SharedPrompts, LayerContext, tuples, dicts), for moving and counting.
+    A PrefixEntry's batch (token ids, not activations) is left as it is; non-tensors (None masks) too."""
     if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, LayerContext):
-        return _tensors((obj.position_ids, obj.position_embeddings, obj.masks))
-    if isinstance(obj, SharedPrompts):
-        return _tensors((obj.index, obj.context, obj.hidden))
+        return fn(obj)
+    if isinstance(obj, (PrefixEntry, SharedPrompts, LayerContext)):
+        names = [f.name for f in dataclasses.fields(obj) if f.name not in NOT_ACTIVATIONS]
+        return dataclasses.replace(obj, **{name: map_tensors(getattr(obj, name), fn) for name in names})
     if isinstance(obj, dict):
-        obj = tuple(obj.values())
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
     if isinstance(obj, (tuple, list)):
-        return [t for item in obj for t in _tensors(item)]
-    return []
+        return type(obj)(map_tensors(item, fn) for item in obj)
+    return obj
+
+
+def tensors_in(obj: Any) -> list[torch.Tensor]:
+    """Every activation tensor inside `obj`, in `map_tensors` order."""
+    found: list[torch.Tensor] = []
+
+    def collect(t: torch.Tensor) -> torch.Tensor:
+        found.append(t)
+        return t
+
+    map_tensors(obj, collect)
+    return found

@@ -1,13 +1,12 @@
 """Layer selections from the paper: the k middle layers, or the top-k layers of an earlier sweep.
 
-`mid:5` needs only the depth; `top:3` reads the ranking from a `sweep.csv` written by `sparselayer sweep`.
+`mid:5` needs only the depth; `top:3` needs a ranking of the layers, best first (read from a
+`sweep.csv` written by `sparselayer sweep`: see `sparselayer.contributions`). No file is read here.
 """
 from __future__ import annotations
 
-import csv
-import math
 import re
-from pathlib import Path
+from typing import Sequence
 
 from ..errors import ConfigError
 
@@ -19,6 +18,12 @@ def is_selection(spec: str) -> bool:
     return SELECTION.fullmatch(str(spec).strip().lower()) is not None
 
 
+def needs_ranking(spec: str) -> bool:
+    """True for `top:k`: the only spec that needs an earlier sweep's ranking (so callers read it only then)."""
+    match = SELECTION.fullmatch(str(spec).strip().lower())
+    return match is not None and match[1] == "top"
+
+
 def middle_layers(k: int, num_layers: int) -> list[int]:
     """The k consecutive layers centred on the middle of the stack (lower middle when it cannot be exact)."""
     _check_count(k, num_layers, "mid")
@@ -26,48 +31,27 @@ def middle_layers(k: int, num_layers: int) -> list[int]:
     return list(range(start, start + k))
 
 
-def read_contributions(csv_path: str | Path) -> dict[int, float]:
-    """Mean contribution C(k) per layer of a sweep CSV (layers without a finite value are dropped)."""
-    path = Path(csv_path)
-    if not path.is_file():
-        raise ConfigError(f"sweep CSV not found: {path}")
-    try:
-        with path.open(newline="") as fh:
-            rows = [r for r in csv.DictReader(fh) if r.get("kind") == "layer"]
-        values = {int(r["layer"]): float(r["contribution_mean"]) for r in rows}
-    except (KeyError, ValueError, csv.Error):
-        raise ConfigError(f"{path} is not a sweep CSV written by `sparselayer sweep`") from None
-    return {k: c for k, c in values.items() if math.isfinite(c)}
-
-
-def read_ranking(csv_path: str | Path) -> list[int]:
-    """Layer indices of a sweep CSV, best contribution first."""
-    scored = read_contributions(csv_path)
-    if not scored:
-        raise ConfigError(f"{csv_path} holds no layer with a finite contribution C(k)")
-    return sorted(scored, key=lambda k: (-scored[k], k))
-
-
-def top_layers(k: int, num_layers: int, csv_path: str | Path | None) -> list[int]:
-    """The k best layers of an earlier sweep (by mean contribution C(k))."""
-    if not csv_path:
+def top_layers(k: int, num_layers: int, ranking: Sequence[int] | None) -> list[int]:
+    """The k best layers of an earlier sweep's ranking (best first), sorted by index."""
+    if ranking is None:
         raise ConfigError(f"top:{k} ranks layers by an earlier sweep: give --from sweep.csv")
-    ranking = read_ranking(csv_path)
+    ranking = list(ranking)
     if any(layer >= num_layers for layer in ranking):
-        raise ConfigError(f"{csv_path} ranks layers of a deeper model than this one ({num_layers} layers)")
-    _check_count(k, len(ranking), "top", f" ({csv_path} ranks {len(ranking)} layers)")
+        raise ConfigError(f"the --from sweep ranks layers of a deeper model than this one ({num_layers} layers)")
+    _check_count(k, len(ranking), "top", f" (the --from sweep ranks {len(ranking)} layers)")
     return sorted(ranking[:k])
 
 
-def select_layers(spec: str, num_layers: int, ranking_csv: str | Path | None = None) -> list[int]:
-    """Resolve `mid:k` or `top:k` to sorted layer indices."""
+def select_layers(spec: str, num_layers: int, ranking: Sequence[int] | None = None) -> list[int]:
+    """Resolve `mid:k` or `top:k` (by `ranking`, layer indices best first) to sorted layer indices."""
     match = SELECTION.fullmatch(str(spec).strip().lower())
     if match is None:
         raise ConfigError(f"{spec!r} is not a layer selection (mid:k or top:k)")
     kind, k = match[1], int(match[2])
-    return middle_layers(k, num_layers) if kind == "mid" else top_layers(k, num_layers, ranking_csv)
+    return middle_layers(k, num_layers) if kind == "mid" else top_layers(k, num_layers, ranking)
 
 
 def _check_count(k: int, available: int, kind: str, where: str = "") -> None:
+    """Refuse a selection of fewer than 1 or more than `available` layers."""
     if not 1 <= k <= available:
         raise ConfigError(f"{kind}:{k} asks for {k} layers, but 1..{available} are available{where}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -101,14 +102,15 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.model.layers
 
 
-def parse_layers(spec: str, num_layers: int, ranking_csv: str | None = None) -> list[int] | None:
-    """Trained layer indices from "16", "-1", "14-18", "10,16", "mid:5", "top:3" (ranked by
-    `ranking_csv`, a sweep CSV); None means "all" (every parameter)."""
+def parse_layers(spec: str, num_layers: int, ranking: Sequence[int] | None = None) -> list[int] | None:
+    """Trained layer indices from "16", "-1", "14-18", "10,16", "mid:5", "top:3" (the best of `ranking`,
+    layer indices best first: `sparselayer.contributions.resolve_layers` reads it from a sweep CSV);
+    None means "all" (every parameter)."""
     spec = str(spec).strip().lower()
     if spec == "all":
         return None
     if is_selection(spec):
-        return select_layers(spec, num_layers, ranking_csv)
+        return select_layers(spec, num_layers, ranking)
     picked: list[int] = []
     try:
         for part in filter(None, (p.strip() for p in spec.split(","))):

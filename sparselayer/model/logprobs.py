@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..rollout.base import Batch
+from ..batch import Batch
 
 
 def completion_hidden(model: nn.Module, batch: Batch) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from ..rollout.base import Batch
+from ..batch import Batch
 from .logprobs import head_logprobs
 
 

@@ -6,7 +6,6 @@ imported only when its engine is built.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -21,8 +20,8 @@ from .hf import HFRolloutEngine
 def build_engine(config: TrainConfig, model: torch.nn.Module, tokenizer) -> RolloutEngine:
     """The rollout engine `config.rollout.rollout` asks for, colocated with the trainer's `model`."""
     from ..model.layout import check_model_dir, resolve_dtype
+    from ..sync.vllm_layout import plan_serving
     from .vllm_engine import VLLMRolloutEngine, vllm_importable
-    from .vllm_layout import plan_padding
 
     ro, choice = config.rollout, config.rollout.rollout
     device = next(model.parameters()).device
@@ -32,9 +31,9 @@ def build_engine(config: TrainConfig, model: torch.nn.Module, tokenizer) -> Roll
         return RemoteRolloutEngine(ro.rollout_url, tokenizer, base_model=folder)
     if choice == "auto":  # SPARSELAYER_AUTO_ROLLOUT=hf (set by the test suite) skips vLLM
         choice = os.environ.get("SPARSELAYER_AUTO_ROLLOUT", "auto")
+    plan = plan_serving(folder, device.type) if choice in ("auto", "vllm") else None
     if choice == "auto":
-        problem = None if vllm_importable() else "vllm is not installed"
-        problem = problem or plan_padding(json.loads((folder / "config.json").read_text()), device.type)[1]
+        problem = (None if vllm_importable() else "vllm is not installed") or plan.problem
         if problem:
             print(f"sparselayer: rollouts with transformers generate ({problem})", file=sys.stderr)
         choice = "hf" if problem else "vllm"
@@ -45,4 +44,4 @@ def build_engine(config: TrainConfig, model: torch.nn.Module, tokenizer) -> Roll
                           "or use --rollout hf")
     return VLLMRolloutEngine(folder, tokenizer, resolve_dtype(config.model.dtype, device), device.type,
                              ro.max_model_len, ro.gpu_memory_utilization, ro.enforce_eager, ro.sleep_mode,
-                             config.run.seed)
+                             config.run.seed, plan=plan)

@@ -1,24 +1,17 @@
 """The rollout-engine interface: sample completions for prompts, and receive changed weights.
 
-Engines (transformers' generate here; vLLM later) return token ids only; the trainer turns them
-into padded tensors with `collate`, so every engine feeds the same training step.
+Engines (transformers' generate, in-process vLLM, a remote `sparselayer serve`) return token ids
+only (`sparselayer.batch.Rollouts`); the trainer turns them into padded tensors with
+`sparselayer.batch.collate`, so every engine feeds the same training step.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
 
-
-@dataclass
-class Rollouts:
-    """Completions in prompt-major order: prompt i's generations are rows i*n .. i*n+n-1."""
-
-    prompt_ids: list[list[int]]  # one per row (repeated across a prompt's generations)
-    completion_ids: list[list[int]]  # cut after the first EOS, which is kept
-    sampling_logprobs: list[list[float]] | None = None  # per completion token, if the engine reports them
+from ..batch import Rollouts
 
 
 class RolloutEngine(ABC):
@@ -35,54 +28,3 @@ class RolloutEngine(ABC):
 
     def close(self) -> None:
         """Release what the engine holds (a vLLM engine, an HTTP client); nothing by default."""
-
-
-@dataclass
-class Batch:
-    """Padded tensors of one rollout batch: [left-padded prompt | right-padded completion]."""
-
-    input_ids: torch.Tensor  # B x (P + C)
-    attention_mask: torch.Tensor  # B x (P + C)
-    completion_mask: torch.Tensor  # B x C, 1 on completion tokens (EOS included)
-    prompt_len: int  # P
-    sampling_logp: torch.Tensor | None = None  # B x C, the rollout engine's log-probs of the sampled tokens
-
-    def rows(self, rows: list[int]) -> "Batch":
-        """The sub-batch `rows`, trimmed to its own longest prompt and completion (less padding)."""
-        idx = torch.tensor(rows, device=self.input_ids.device)
-        mask = self.attention_mask[idx]
-        P = self.prompt_len
-        p_len = int(mask[:, :P].sum(dim=1).max())
-        c_len = max(int(self.completion_mask[idx].sum(dim=1).max()), 1)
-        cols = slice(P - p_len, P + c_len)
-        sampling = None if self.sampling_logp is None else self.sampling_logp[idx, :c_len]
-        return Batch(self.input_ids[idx, cols], mask[:, cols], self.completion_mask[idx, :c_len], p_len, sampling)
-
-    def lengths(self) -> list[int]:
-        """Real (unpadded) tokens per row, for balancing micro-batches."""
-        return self.attention_mask.sum(dim=1).tolist()
-
-
-def collate(rollouts: Rollouts, pad_id: int, device: torch.device | str = "cpu") -> Batch:
-    """Pad prompts on the left and completions on the right into one Batch."""
-    P = max(map(len, rollouts.prompt_ids))
-    C = max(1, max(map(len, rollouts.completion_ids)))
-    B = len(rollouts.prompt_ids)
-    input_ids = torch.full((B, P + C), pad_id, dtype=torch.long)
-    attention = torch.zeros((B, P + C), dtype=torch.long)
-    for i, (p, c) in enumerate(zip(rollouts.prompt_ids, rollouts.completion_ids)):
-        input_ids[i, P - len(p) : P] = torch.tensor(p, dtype=torch.long)
-        input_ids[i, P : P + len(c)] = torch.tensor(c, dtype=torch.long)
-        attention[i, P - len(p) : P + len(c)] = 1
-    return Batch(input_ids.to(device), attention.to(device), attention[:, P:].to(device), P,
-                 _pad_logprobs(rollouts.sampling_logprobs, C, device))
-
-
-def _pad_logprobs(rows: list[list[float]] | None, width: int, device: torch.device | str) -> torch.Tensor | None:
-    """Per-token sampling log-probs as a right-padded B x C tensor (None when the engine gave none)."""
-    if rows is None:
-        return None
-    out = torch.zeros((len(rows), width), dtype=torch.float32)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
-    return out.to(device)

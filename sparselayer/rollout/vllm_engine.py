@@ -6,7 +6,6 @@ The engine runs in the trainer's dtype (float32 on CPU, where vLLM's CPU backend
 from __future__ import annotations
 
 import atexit
-import json
 import logging
 import os
 import shutil
@@ -18,11 +17,11 @@ from typing import Iterable, Sequence
 import torch
 
 from ..errors import ConfigError
+from ..sync.changes import ChangeTracker
+from ..sync.vllm_layout import ServingPlan, head_dim_of, plan_serving, write_padded_model
+from ..sync.vllm_push import LAYER_RE, load_scoped, owning_modules, reload_full
 from .base import RolloutEngine, Rollouts
-from .changes import ChangeTracker
 from .hf import cut_at_eos
-from .vllm_layout import head_dim_of, plan_padding, write_padded_model
-from .vllm_push import LAYER_RE, load_scoped, owning_modules, reload_full
 
 CPU_KV_TOKENS = 32768  # KV-cache size on CPU, in tokens (vLLM's memory fraction means host RAM there)
 
@@ -44,12 +43,13 @@ class VLLMRolloutEngine(RolloutEngine):
 
     def __init__(self, model_dir: str | Path, tokenizer, dtype: torch.dtype = torch.float32, device: str = "cpu",
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.3, enforce_eager: bool = True,
-                 sleep_mode: bool = False, seed: int = 0):
+                 sleep_mode: bool = False, seed: int = 0, plan: ServingPlan | None = None):
+        """`plan`: the folder's serving plan when the caller has made it already (read here otherwise)."""
         self.folder, self.tokenizer, self.dtype, self.device = Path(model_dir), tokenizer, dtype, device
-        config = json.loads((self.folder / "config.json").read_text())
-        self.padding, problem = plan_padding(config, device)
-        if problem:
-            raise ConfigError(f"{problem}: use --rollout hf")
+        plan = plan_serving(self.folder, device) if plan is None else plan
+        if plan.problem:
+            raise ConfigError(f"{plan.problem}: use --rollout hf")
+        self.padding, config = plan.padding, plan.config
         self.serve_dir = write_padded_model(self.folder, self.padding) if self.padding else self.folder
         if self.serve_dir != self.folder:
             atexit.register(shutil.rmtree, self.serve_dir, True)

@@ -81,6 +81,21 @@ def plan_padding(config: dict, device_type: str) -> tuple[HeadPadding | None, st
     return HeadPadding(d, target, config.get("model_type") == "qwen3"), None
 
 
+@dataclass(frozen=True)
+class ServingPlan:
+    """How vLLM serves a model folder on a device: its config.json, the head padding, or why it cannot."""
+
+    config: dict
+    padding: HeadPadding | None
+    problem: str | None  # None: vLLM can serve the model (padded when `padding` is set)
+
+
+def plan_serving(folder: Path, device_type: str) -> ServingPlan:
+    """Read `folder`'s config.json once and plan its head padding for `device_type` ("cpu", "cuda")."""
+    config = json.loads((Path(folder) / "config.json").read_text())
+    return ServingPlan(config, *plan_padding(config, device_type))
+
+
 def write_padded_model(folder: Path, padding: HeadPadding) -> Path:
     """A temporary copy of `folder` with padded heads (config, weights, tokenizer) for vLLM to load."""
     from safetensors.torch import load_file, save_file

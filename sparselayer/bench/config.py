@@ -1,0 +1,51 @@
+"""Settings of `sparselayer bench step`: the model shape, batch and variants (plain data, cheap to import:
+the CLI builds its flags from it without importing the harness)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+
+PRESETS = {
+    "default": dict(num_layers=24, hidden=512, intermediate=1536, vocab=32768, heads=8, kv_heads=4, layer=12),
+    # full-parameter AdamW on 8B (weights, grads, two moments, a reference copy: over 100 GB) fits no
+    # single GPU, so this preset measures the layer-sparse step alone unless --variants says otherwise
+    "qwen3-8b": dict(num_layers=36, hidden=4096, intermediate=12288, vocab=151936, heads=32, kv_heads=8, layer=16,
+                     quant="nf4", variants="sparse"),
+}
+# sparse-no-share: the layer-sparse step with --share-prompts off, to show what sharing a group's prompt adds
+VARIANTS = ("full", "sparse", "sparse-no-share")
+
+
+@dataclass
+class StepBenchConfig:
+    """Model shape, batch and GRPO settings of the benchmark (defaults: the issue's configuration)."""
+
+    num_layers: int = 24
+    hidden: int = 512
+    intermediate: int = 1536
+    vocab: int = 32768
+    heads: int = 8
+    kv_heads: int = 4
+    layer: int = 12
+    prompts: int = 8
+    generations: int = 8
+    prompt_len: int = 128
+    completion_len: int = 128
+    num_iterations: int = 2
+    beta: float = 0.04
+    micro_batch_size: int = 8
+    steps: int = 2  # measured steps, after one warm-up step
+    seed: int = 0
+    dtype: str = "auto"
+    device: str = "auto"
+    quant: str = "none"  # frozen layers of the sparse variant: none | nf4 | int8 (the full variant has none)
+    variants: str = "full,sparse"  # which to run (of full, sparse, sparse-no-share); the ratios need full and sparse
+
+
+def parse_variants(text: str) -> list[str]:
+    """'full,sparse' -> ['full', 'sparse'] (in that order); ConfigError for anything else."""
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    if not names or any(v not in VARIANTS for v in names):
+        raise ConfigError(f"bench step: --variants takes full, sparse, sparse-no-share or a comma list, got {text!r}")
+    return [v for v in VARIANTS if v in names]

@@ -1,0 +1,36 @@
+"""The reference policy of the KL term, two ways: the trained tensors' initial values swapped in for a
+no-grad pass (one model in memory, the frozen layers are the reference's already), or a separate
+frozen copy of the whole model (what full-parameter trainers keep, and the benchmark's baseline)."""
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+def initial_values(trained: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """A detached copy of the trained tensors as they are now (the reference policy's values)."""
+    return {name: p.detach().clone() for name, p in trained.items()}
+
+
+@contextmanager
+def swapped_in(trained: dict[str, nn.Parameter], values: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Within the block the trained tensors hold `values`; afterwards their own values again, even on error."""
+    current = initial_values(trained)
+    with torch.no_grad():
+        for name, p in trained.items():
+            p.copy_(values[name])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, p in trained.items():
+                p.copy_(current[name])
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A separate frozen, eval-mode copy of the model."""
+    return copy.deepcopy(model).requires_grad_(False).eval()
