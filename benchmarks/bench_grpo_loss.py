@@ -61,7 +61,7 @@ def _rss_bytes() -> int:
 class RssPeak:
     """Peak RSS over a block: the kernel's high-water mark when it can be reset, else a 1 ms sampler."""
 
-    def __enter__(self) -> "RssPeak":
+    def __enter__(self) -> RssPeak:
         self.base = _rss_bytes()
         try:
             Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS

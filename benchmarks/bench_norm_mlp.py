@@ -95,9 +95,9 @@ def measure(variant: str, layers: int, hidden: int, intermediate: int, batch: in
                   dtype=dtype, threads=torch.get_num_threads())
     with RssPeak() as rss:
         step()
-    loss = {}
-    result.update(rss_extra_bytes=rss.extra, saved_bytes=saved_bytes(lambda: loss.setdefault("l", forward()), model))
-    del loss
+    kept = {}  # keeps the forward's output (and so its saved tensors) alive while they are counted
+    result.update(rss_extra_bytes=rss.extra, saved_bytes=saved_bytes(lambda: kept.setdefault("out", forward()), model))
+    kept.clear()
     result["alloc_extra_bytes"] = allocator_peak_cpu(step)
     times = []
     for _ in range(reps):

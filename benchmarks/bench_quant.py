@@ -46,7 +46,8 @@ def linear_times(rows: int = 2048, fan_in: int = 512, fan_out: int = 1536, repea
     torch.manual_seed(0)
     dense = nn.Linear(fan_in, fan_out, bias=False)
     x = torch.randn(rows, fan_in)
-    variants = {"dense_fp32": (dense, x), "dense_bf16": (nn.Linear(fan_in, fan_out, bias=False).bfloat16(), x.bfloat16()),
+    variants = {"dense_fp32": (dense, x),
+                "dense_bf16": (nn.Linear(fan_in, fan_out, bias=False).bfloat16(), x.bfloat16()),
                 "nf4_bf16_in": (quantized_linear(dense, "nf4"), x.bfloat16()),
                 "int8_bf16_in": (quantized_linear(dense, "int8"), x.bfloat16())}
     times: dict[str, list[float]] = {k: [] for k in variants}
@@ -85,7 +86,8 @@ def main(argv: list[str]) -> dict:
     mask = sb.batch.completion_mask.bool()
     dense_s = statistics.median(times["none"])
     result = {"model": "random (step benchmark shape)" if args.random_model else args.model or "embedded default",
-              "layer": args.layer, "dtype": args.dtype, "rows": int(mask.shape[0]), "completion_tokens": int(mask.sum()),
+              "layer": args.layer, "dtype": args.dtype, "rows": int(mask.shape[0]),
+              "completion_tokens": int(mask.sum()),
               "threads": torch.get_num_threads(), "dense_forward_s": dense_s, "modes": {}}
     for mode in ("nf4", "int8"):
         diff = (logps[mode] - logps["none"]).abs()[mask]

@@ -46,7 +46,8 @@ def adam_step(layer: dict[str, torch.Tensor], lr: float, seed: int) -> dict[str,
 def random_layer(shapes: dict[str, tuple[int, ...]], prefix: str, seed: int = 0) -> dict[str, torch.Tensor]:
     """Float32 weights ~ N(0, 0.02) (norm weights 1) under checkpoint names."""
     g = torch.Generator().manual_seed(seed)
-    return {prefix + k: (torch.randn(s, generator=g) * 0.02 if len(s) == 2 else torch.ones(s)) for k, s in shapes.items()}
+    return {prefix + k: (torch.randn(s, generator=g) * 0.02 if len(s) == 2 else torch.ones(s))
+            for k, s in shapes.items()}
 
 
 def timed(fn, repeats: int):
@@ -72,8 +73,9 @@ def bench_codec(lrs: list[float], repeats: int) -> list[dict]:
         new = adam_step(layer, lr, seed=1)
         row = {"lr": lr, "dense_bytes": dense, "params": sum(v.numel() for v in layer.values())}
         for backend in ["cpp", "python"] if D.HAVE_EXTENSION else ["python"]:
-            enc_s, payload = timed(lambda: D.encode_delta(new, base, 0, backend=backend), repeats)
-            dec_s, _ = timed(lambda: D.decode_delta(payload, shapes, base.__getitem__, 0, backend=backend), repeats)
+            enc_s, payload = timed(lambda new=new, b=backend: D.encode_delta(new, base, 0, backend=b), repeats)
+            dec_s, _ = timed(lambda p=payload, b=backend: D.decode_delta(p, shapes, base.__getitem__, 0, backend=b),
+                             repeats)
             row.update({"payload_bytes": len(payload), f"encode_s_{backend}": enc_s, f"decode_s_{backend}": dec_s})
         changed = sum(int((D.to_bf16(new[k]).view(torch.int16) != base[k].view(torch.int16)).sum()) for k in new)
         row.update(changed_fraction=changed / row["params"], payload_over_dense=row["payload_bytes"] / dense)
@@ -108,8 +110,8 @@ def bench_serve(lr: float, repeats: int) -> dict:
     import httpx
     from transformers import AutoTokenizer
 
-    from sparselayer.sync import delta as D
     from sparselayer.rollout.remote import RemoteRolloutEngine
+    from sparselayer.sync import delta as D
 
     with tempfile.TemporaryDirectory() as tmp, socket.socket() as s:
         s.bind(("127.0.0.1", 0))

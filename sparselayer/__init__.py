@@ -5,11 +5,11 @@ The Python API other training stacks call (the CLI is a thin layer over it):
     from sparselayer import TrainConfig, train
     summary = train(TrainConfig.from_mapping({"layers": "16", "max_steps": 100}))
 """
+from .batch import Batch, Rollouts, StepBatch, collate
 from .config import TrainConfig
 from .errors import ConfigError, DataError, ModelError, RewardError, RunError, SparseLayerError
 from .evaluate import evaluate, evaluate_path
 from .export import export_run, load_run
-from .batch import Batch, Rollouts, StepBatch, collate
 from .rollout.base import RolloutEngine
 from .rollout.hf import HFRolloutEngine
 from .tasks import ArithmeticTask, Example, Task, build_task
@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArithmeticTask", "Batch", "ConfigError", "DataError", "Example", "HFRolloutEngine", "ModelError",
-    "RewardError", "RolloutEngine", "Rollouts", "RunError", "SparseLayerError", "StepBatch", "Task", "TrainConfig", "Trainer",
+    "RewardError", "RolloutEngine", "Rollouts", "RunError", "SparseLayerError", "StepBatch", "Task", "TrainConfig",
+    "Trainer",
     "build_task", "collate", "evaluate", "evaluate_path", "export_run", "load_run", "train",
 ]

@@ -31,7 +31,7 @@ class Batch:
     prompt_len: int  # P
     sampling_logp: torch.Tensor | None = None  # B x C, the rollout engine's log-probs of the sampled tokens
 
-    def rows(self, rows: list[int]) -> "Batch":
+    def rows(self, rows: list[int]) -> Batch:
         """The sub-batch `rows`, trimmed to its own longest prompt and completion (less padding)."""
         idx = torch.tensor(rows, device=self.input_ids.device)
         mask = self.attention_mask[idx]

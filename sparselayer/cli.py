@@ -1,7 +1,8 @@
 """`sparselayer` command line: a thin layer that turns flags/YAML into API calls (train, eval, export).
 
 Every flag of `train` (and `sweep`) is generated from the config dataclasses, help text included
-(`config.option`), so the CLI cannot offer a setting the Python API lacks. Errors caused by input print one line and exit with status 2.
+(`config.option`), so the CLI cannot offer a setting the Python API lacks. Errors caused by input
+print one line and exit with status 2.
 """
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .bench.config import PRESETS, StepBenchConfig
 from .config import SECTIONS, TrainConfig
@@ -73,7 +75,8 @@ def _add_serve_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparselayer", description="GRPO post-training of a single transformer layer.")
+    parser = argparse.ArgumentParser(prog="sparselayer",
+                                     description="GRPO post-training of a single transformer layer.")
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="train one (or a few) layers with GRPO")
     tr.add_argument("--config", type=Path, help="YAML file of settings; flags override it")
@@ -104,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     step = bench.add_parser("step", help="full-parameter GRPO step vs the layer-sparse step, same model and batch")
     step.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                      help="model shape: default (24 layers, hidden 512, vocab 32768) or qwen3-8b (36 layers, hidden 4096, "
-                           "vocab 151936, layer 16, nf4, sparse variant only)")
+                      help="model shape: default (24 layers, hidden 512, vocab 32768) or qwen3-8b (36 layers, "
+                           "hidden 4096, vocab 151936, layer 16, nf4, sparse variant only)")
     for f in dataclasses.fields(StepBenchConfig):
         step.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
                           type=type(f.default), help=f"default: {f.default} (or the preset's)")
@@ -223,7 +226,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     fields = {f.name for f in dataclasses.fields(StepBenchConfig)}
     values = {**PRESETS[args.preset], **{k: v for k, v in vars(args).items() if k in fields}}
     cfg = StepBenchConfig(**values)
-    if min(cfg.num_layers, cfg.hidden, cfg.vocab, cfg.prompts, cfg.generations, cfg.steps) < 1 or not 0 <= cfg.layer < cfg.num_layers:
+    sizes = (cfg.num_layers, cfg.hidden, cfg.vocab, cfg.prompts, cfg.generations, cfg.steps)
+    if min(sizes) < 1 or not 0 <= cfg.layer < cfg.num_layers:
         raise ConfigError("bench step: sizes must be positive and --layer within the model's layers")
     result = bench_step(cfg, args.output)
     print(format_table(result))

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -220,7 +221,7 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], base: "TrainConfig | None" = None) -> "TrainConfig":
+    def from_mapping(cls, values: Mapping[str, Any], base: TrainConfig | None = None) -> TrainConfig:
         """Overlay `values` (flat keys like `learning_rate`/`learning-rate`, or section mappings) on `base`."""
         cfg = dataclasses.replace(base) if base else cls()
         cfg = cls(**{name: dataclasses.replace(getattr(cfg, name)) for name in SECTIONS})
@@ -230,7 +231,7 @@ class TrainConfig:
         return cfg
 
     @classmethod
-    def from_yaml(cls, path: str | Path, base: "TrainConfig | None" = None) -> "TrainConfig":
+    def from_yaml(cls, path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
         """Read a YAML config file (flat or sectioned keys)."""
         path = Path(path)
         if not path.is_file():
@@ -247,7 +248,7 @@ class TrainConfig:
         """Sectioned plain-data form, as written to the run directory."""
         return dataclasses.asdict(self)
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Check every setting and combination; raise ConfigError with one line on the first problem."""
         rl, ro, run = self.rl, self.rollout, self.run
         _positive(prompts_per_step=rl.prompts_per_step, num_iterations=rl.num_iterations,

@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
@@ -108,7 +109,8 @@ def _field_rows(kind: type) -> list[Sequence[str]]:
             metavar = f.metadata.get("metavar", f.name.upper())
             flag = ", ".join(f"{s} {metavar}" for s in flags)
         default = shown_default(f.default)
-        rows.append((_code(flag), _code(default) if default is not None else "unset", _cell(f.metadata.get("help", ""))))
+        shown = _code(default) if default is not None else "unset"
+        rows.append((_code(flag), shown, _cell(f.metadata.get("help", ""))))
     return rows
 
 
@@ -126,7 +128,7 @@ def render() -> str:
     out = [HEADER]
 
     train = commands["train"]
-    out += [f"## `sparselayer train`\n", f"{_sentence(helps['train'])}\n", TRAIN_INTRO]
+    out += ["## `sparselayer train`\n", f"{_sentence(helps['train'])}\n", TRAIN_INTRO]
     out += _table(("flag", "default", "meaning"), _action_rows(train, skip=config_dests)) + [""]
     out += _recipe_lines() + [""]
     for section, kind in SECTIONS.items():

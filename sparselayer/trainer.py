@@ -246,6 +246,7 @@ class Trainer:
         rl = self.config.rl
         return rl.epsilon_high if rl.epsilon_high is not None else rl.epsilon
 
+    @torch.no_grad()
     def batch_logprobs(self, sb: StepBatch, forward: CachedPrefixForward | FullForward, inputs: PreparedBatch,
                         head: LogProbHead) -> torch.Tensor:
         """No-grad log-probs (B x C) of the whole rollout batch, micro-batch by micro-batch."""

@@ -7,8 +7,8 @@ import weakref
 
 import pytest
 import torch
-
 from helpers import DigitShareTask, full_forward_logprobs
+
 from sparselayer.cli import main
 from sparselayer.config import TrainConfig
 from sparselayer.errors import ConfigError
@@ -97,7 +97,8 @@ def test_step_frees_the_cache_before_the_push(tiny_model):
 def test_move_entry_moves_every_activation_and_leaves_the_original(tiny_model):
     """The spill/fetch copy walks hidden state, positions, rotary tables and masks (here to the meta device,
     the one other device a CPU-only machine has); tensors already on the target are shared, not copied."""
-    from sparselayer.model.cache_budget import move_entry, tensors_in as _tensors
+    from sparselayer.model.cache_budget import move_entry
+    from sparselayer.model.cache_budget import tensors_in as _tensors
 
     trainer = _trainer(tiny_model)
     sb = trainer.rollout_batch()

@@ -34,7 +34,8 @@ def load_error(path: Path, **kwargs) -> str:
 
 def test_gsm8k_jsonl_keeps_full_answer_and_checks_final_part(tmp_path: Path) -> None:
     rows = [
-        {"question": "Natalia sold 48 clips and half as many more. Total?", "answer": "48/2 = 24\n48 + 24 = 72\n#### 72"},
+        {"question": "Natalia sold 48 clips and half as many more. Total?",
+         "answer": "48/2 = 24\n48 + 24 = 72\n#### 72"},
         {"question": "A big sum?", "answer": "600 + 634 = 1,234\n#### 1,234"},
     ] + numbered_rows(8)
     task = load_dataset_task(write_jsonl(tmp_path / "gsm8k.jsonl", rows), eval_fraction=0.0)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import DigitShareTask
+
 from sparselayer.config import TrainConfig
 from sparselayer.model.layout import load_model
 from sparselayer.model.logprobs import completion_logprobs
@@ -15,7 +15,8 @@ LAYER = 2
 
 
 def _trainer(tiny_model, loss_type: str, layers: str = str(LAYER), fused: bool = True) -> Trainer:
-    cfg = TrainConfig.from_mapping({"model": str(tiny_model), "layers": layers, "prompts_per_step": 4, "fused_loss": fused,
+    cfg = TrainConfig.from_mapping({"model": str(tiny_model), "layers": layers, "prompts_per_step": 4,
+                                    "fused_loss": fused,
                                     "num_generations": 4, "micro_batch_size": 3, "loss_type": loss_type,
                                     "dtype": "float32", "max_completion_length": 8, "seed": 3,
                                     "epsilon_high": 5.0 if loss_type == "cispo" else None})

@@ -7,9 +7,9 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -20,8 +20,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from sparselayer.kernels import (  # noqa: E402
-    fused_grpo_loss, fused_logprobs, grpo_loss, head_logprobs, logprobs, reference_grpo_loss, reference_logprobs,
-    triton_grpo_loss, triton_logprobs)
+    fused_grpo_loss,
+    fused_logprobs,
+    grpo_loss,
+    head_logprobs,
+    logprobs,
+    reference_grpo_loss,
+    reference_logprobs,
+    triton_grpo_loss,
+    triton_logprobs,
+)
 from sparselayer.kernels.backend import ENV_BACKEND, resolve_backend, triton_available  # noqa: E402
 from sparselayer.objective import LOSS_TYPES, per_token_loss, token_weights  # noqa: E402
 

@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
 
 from conftest import make_tiny_model  # noqa: E402
 from helpers import DigitShareTask  # noqa: E402
+
 from sparselayer.config import TrainConfig  # noqa: E402
 from sparselayer.errors import ConfigError  # noqa: E402
 from sparselayer.kernels import norm_mlp  # noqa: E402
@@ -286,7 +287,7 @@ def test_kernels_setting(family_models, monkeypatch):
     monkeypatch.setenv(ENV_BACKEND, "torch")
     trainer = _trainer(family_models["qwen2"], kernels="auto")
     assert trainer.kernels == "torch"
-    assert {getattr(trainer.model.get_submodule(n), "_sparselayer_kernels") for n in patched_modules(trainer.model)} \
+    assert {trainer.model.get_submodule(n)._sparselayer_kernels for n in patched_modules(trainer.model)} \
         == {"torch"}
     with pytest.raises(ConfigError, match="--kernels"):
         TrainConfig.from_mapping({"kernels": "cuda"}).validate()

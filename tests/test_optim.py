@@ -7,15 +7,14 @@ import io
 import bitsandbytes as bnb
 import pytest
 import torch
-
 from helpers import DigitShareTask
+
 from sparselayer.config import TrainConfig
 from sparselayer.errors import ConfigError
 from sparselayer.optim import MasterAdamW, MasterWeights, build_optimizer, grad_tensors
 from sparselayer.runs import RunDir
 from sparselayer.train import restore_checkpoint, save_checkpoint
 from sparselayer.trainer import Trainer
-
 
 LR = 1e-4
 

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import DigitShareTask
+
 from sparselayer.config import TrainConfig
-from sparselayer.model.prefix_cache import compute_prefix, logprobs_from_prefix
-from sparselayer.model.logprobs import completion_logprobs
 from sparselayer.model.forward import CachedPrefixForward, FullForward
+from sparselayer.model.logprobs import completion_logprobs
+from sparselayer.model.prefix_cache import compute_prefix, logprobs_from_prefix
 from sparselayer.trainer import Trainer
 
 

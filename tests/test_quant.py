@@ -7,17 +7,17 @@ import sys
 import bitsandbytes as bnb
 import pytest
 import torch
-from torch import nn
-
 from conftest import make_tiny_model
 from helpers import DigitShareTask, full_forward_logprobs
+from torch import nn
+
+from sparselayer.batch import Batch
 from sparselayer.cli import main
 from sparselayer.config import TrainConfig
 from sparselayer.errors import ConfigError
 from sparselayer.model.layout import freeze_except, load_model
 from sparselayer.model.logprobs import completion_logprobs
 from sparselayer.model.quant import quantize_frozen, quantized_linear, resolve_quant
-from sparselayer.batch import Batch
 from sparselayer.trainer import Trainer
 
 BNB_TYPES = {"nf4": bnb.nn.Linear4bit, "int8": bnb.nn.Linear8bitLt}
@@ -153,11 +153,12 @@ def test_missing_bitsandbytes_is_one_clear_error(tiny_model, monkeypatch):
 
 
 def test_step_benchmark_quantizes_the_sparse_variant_only(tmp_path):
-    from sparselayer.bench import PRESETS, StepBenchConfig, _train_config, bench_step
+    from sparselayer.bench.config import PRESETS, StepBenchConfig
+    from sparselayer.bench.step import bench_step, variant_config
 
     cfg = StepBenchConfig(quant="int8")
-    assert _train_config(cfg, tmp_path, "all").model.quant == "none"
-    assert _train_config(cfg, tmp_path, "12").model.quant == "int8"
+    assert variant_config(cfg, tmp_path, "full").model.quant == "none"
+    assert variant_config(cfg, tmp_path, "sparse").model.quant == "int8"
     assert StepBenchConfig(**PRESETS["qwen3-8b"]).quant == "nf4"
     with pytest.raises(ConfigError, match="--quant"):
         bench_step(StepBenchConfig(quant="fp8"))

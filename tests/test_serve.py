@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-
 from conftest import make_tiny_model
+
 from sparselayer.errors import DeltaError
 from sparselayer.sync import delta as D
 

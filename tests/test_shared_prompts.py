@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_tiny_model
 from helpers import DigitShareTask
+
+from sparselayer.batch import Batch
 from sparselayer.config import TrainConfig
-from sparselayer.model.logprobs import completion_logprobs
 from sparselayer.errors import ConfigError
+from sparselayer.model.logprobs import completion_logprobs
 from sparselayer.model.prefix_cache import SHARE_MIN_FLOPS, compute_prefix, distinct_prompts, logprobs_from_prefix
 from sparselayer.packing import pack_groups
-from sparselayer.batch import Batch
 from sparselayer.tasks.base import Example
 from sparselayer.trainer import Trainer
 

@@ -9,8 +9,8 @@ import yaml
 
 from sparselayer.cli import main
 from sparselayer.config import TrainConfig
-from sparselayer.errors import ConfigError
 from sparselayer.contributions import read_ranking, resolve_layers
+from sparselayer.errors import ConfigError
 from sparselayer.model.layer_select import middle_layers, needs_ranking, select_layers
 from sparselayer.model.layout import parse_layers
 from sparselayer.sweep import RunResult, compare_sweeps, contribution, run_sweep, summarize, write_outputs
@@ -184,7 +184,8 @@ def test_boost_layers_param_groups(tiny_model):
     trainer = Trainer(cfg)
     groups = trainer.optimizer.param_groups
     assert [g["lr"] for g in groups] == [0.01, 0.5]
-    boosted = {id(p) for n, p in trainer.model.named_parameters() if n.startswith(("model.layers.1.", "model.layers.2."))}
+    prefixes = ("model.layers.1.", "model.layers.2.")
+    boosted = {id(p) for n, p in trainer.model.named_parameters() if n.startswith(prefixes)}
     assert {id(p) for p in groups[1]["params"]} == boosted and len(boosted) > 0
     assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(trainer.model.parameters()))
     with pytest.raises(ConfigError, match="--layers all"):

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import DigitShareTask
+
+from sparselayer.batch import Rollouts, collate
 from sparselayer.config import TrainConfig
 from sparselayer.model.layout import load_model
 from sparselayer.model.logprobs import completion_logprobs
 from sparselayer.objective import per_token_loss, tis_weights
-from sparselayer.batch import Rollouts, collate
 from sparselayer.trainer import Trainer
 
 LAYER = 2

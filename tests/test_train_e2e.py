@@ -5,11 +5,11 @@ import json
 
 import pytest
 import torch
+from conftest import make_tiny_model
+from helpers import DigitShareTask
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import make_tiny_model
-from helpers import DigitShareTask
 from sparselayer.cli import main
 from sparselayer.config import TrainConfig
 from sparselayer.runs import RunDir

@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
+from conftest import make_tiny_model
 from safetensors.torch import load_file
 
-from conftest import make_tiny_model
 from sparselayer.config import TrainConfig
 from sparselayer.errors import ConfigError
 from sparselayer.model.layout import load_model

@@ -15,9 +15,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -30,6 +31,7 @@ from ..rollout.base import RolloutEngine
 from ..tasks.base import Example, Task
 from .config import StepBenchConfig, parse_variants
 
+
 class SyntheticEngine(RolloutEngine):
     """Fixed-length random prompts and completions: the same tokens for every variant (seeded)."""
 
@@ -40,7 +42,8 @@ class SyntheticEngine(RolloutEngine):
                  top_p: float = 1.0, seed: int = 0, greedy: bool = False) -> Rollouts:
         g = torch.Generator().manual_seed(seed)
         rows = len(prompts) * num_generations
-        p = torch.randint(3, self.vocab, (len(prompts), self.prompt_len), generator=g).repeat_interleave(num_generations, 0)
+        p = torch.randint(3, self.vocab, (len(prompts), self.prompt_len), generator=g)
+        p = p.repeat_interleave(num_generations, 0)
         c = torch.randint(3, self.vocab, (rows, self.completion_len), generator=g)
         return Rollouts(prompt_ids=p.tolist(), completion_ids=c.tolist())
 
@@ -144,7 +147,8 @@ def bench_step(cfg: StepBenchConfig, output: Path | None = None) -> dict[str, An
     both = "full" in by_name and "sparse" in by_name
     result = {"config": asdict(cfg), "results": rows,
               "speedup": by_name["full"]["step_time_s"] / by_name["sparse"]["step_time_s"] if both else None,
-              "peak_mem_ratio": by_name["sparse"]["peak_mem_bytes"] / by_name["full"]["peak_mem_bytes"] if both else None,
+              "peak_mem_ratio": (by_name["sparse"]["peak_mem_bytes"] / by_name["full"]["peak_mem_bytes"]
+                                 if both else None),
               "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "device_name": _device_name(rows[0]["device"])}
     if "sparse" in by_name and "sparse-no-share" in by_name:  # what sharing a group's prompt saves
@@ -161,14 +165,15 @@ def _device_name(device: str) -> str:
 
 
 def _run_in_subprocess(cfg: StepBenchConfig, model: Path, variant: str) -> dict[str, Any]:
-    code = ("import json,sys; from pathlib import Path; from sparselayer.bench.step import StepBenchConfig, run_variant; "
+    code = ("import json,sys; from pathlib import Path; "
+            "from sparselayer.bench.step import StepBenchConfig, run_variant; "
             "cfg = StepBenchConfig(**json.loads(sys.argv[1])); "
             "print('RESULT ' + json.dumps(run_variant(cfg, Path(sys.argv[2]), sys.argv[3])))")
     done = subprocess.run([sys.executable, "-c", code, json.dumps(asdict(cfg)), str(model), variant],
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"benchmark variant {variant} failed:\n{done.stderr[-3000:]}")
-    line = next(l for l in done.stdout.splitlines() if l.startswith("RESULT "))
+    line = next(out for out in done.stdout.splitlines() if out.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
 
 

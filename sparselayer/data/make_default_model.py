@@ -18,8 +18,8 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-from . import DEFAULT_MODEL_DIR
 from ..tasks.arithmetic import ArithmeticTask, carryless_sum, format_answer, format_prompt, sample_pair
+from . import DEFAULT_MODEL_DIR
 
 PAD, EOS, UNK = "<|pad|>", "<|endoftext|>", "<|unk|>"
 CHARS = string.printable[:95] + "\n"  # digits, letters, punctuation, space, newline
@@ -116,7 +116,8 @@ def main() -> None:
             model.eval()
             acc = greedy_accuracy(model, tok, test[:250])
             model.train()
-            print(f"step {step} loss {loss.item():.4f} held-out greedy acc {acc:.3f} ({time.time() - t0:.0f}s)", flush=True)
+            print(f"step {step} loss {loss.item():.4f} held-out greedy acc {acc:.3f} ({time.time() - t0:.0f}s)",
+                  flush=True)
     model.eval()
     print(f"final held-out greedy accuracy {greedy_accuracy(model, tok, test):.3f}")
     args.output.mkdir(parents=True, exist_ok=True)

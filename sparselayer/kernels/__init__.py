@@ -8,8 +8,15 @@ chunked PyTorch elsewhere; an explicit backend (`--kernels torch|triton`) wins, 
 SPARSELAYER_KERNELS environment variable, then the device. Importing this package never imports triton.
 """
 from .backend import resolve_backend
-from .grpo_loss import (fused_grpo_loss, fused_logprobs, grpo_loss, logprobs, reference_grpo_loss, triton_grpo_loss,
-                        triton_logprobs)
+from .grpo_loss import (
+                        fused_grpo_loss,
+                        fused_logprobs,
+                        grpo_loss,
+                        logprobs,
+                        reference_grpo_loss,
+                        triton_grpo_loss,
+                        triton_logprobs,
+)
 from .head_logprobs import head_logprobs
 from .head_logprobs_reference import reference_logprobs
 from .norm_mlp import frozen_mlp, rms_norm, swiglu

@@ -8,8 +8,8 @@ kernel module, so every kernel module, torch or Triton, can import it without a 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -14,8 +14,14 @@ import torch
 
 from ..objective import per_token_loss
 from .backend import LMHeadKernels
-from .head_logprobs import (DEFAULT_CHUNK_TOKENS, DEFAULT_CHUNK_VOCAB, head_kernels, head_logprobs,
-                            head_logprobs_with, torch_kernels)
+from .head_logprobs import (
+    DEFAULT_CHUNK_TOKENS,
+    DEFAULT_CHUNK_VOCAB,
+    head_kernels,
+    head_logprobs,
+    head_logprobs_with,
+    torch_kernels,
+)
 from .head_logprobs_reference import reference_logprobs
 
 

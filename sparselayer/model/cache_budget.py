@@ -8,7 +8,8 @@ it, then dropped. On a CPU device the cache is in CPU memory already: the moves 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -127,7 +127,8 @@ def _completion_mask(mask: torch.Tensor | None, P: int, C: int, eager: bool, dty
     return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-def split_context(model: nn.Module, ctx: LayerContext, P: int, first: torch.Tensor) -> tuple[LayerContext, LayerContext]:
+def split_context(model: nn.Module, ctx: LayerContext, P: int,
+                  first: torch.Tensor) -> tuple[LayerContext, LayerContext]:
     """(context of the distinct prompts' P positions, context of every row's completion positions)."""
     C = ctx.position_ids.shape[1] - P
     eager = model.config._attn_implementation == "eager"

@@ -13,7 +13,8 @@ import logging
 import torch
 from torch import nn
 
-from ..config import QUANT_MODES as MODES, check_quant_layers
+from ..config import QUANT_MODES as MODES
+from ..config import check_quant_layers
 from ..errors import ConfigError
 
 

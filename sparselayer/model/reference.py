@@ -4,8 +4,8 @@ frozen copy of the whole model (what full-parameter trainers keep, and the bench
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import nn

@@ -8,8 +8,8 @@ exactly, whatever the packing. Adding a loss type is one surrogate function and 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -7,7 +7,7 @@ only (`sparselayer.batch.Rollouts`); the trainer turns them into padded tensors 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -26,5 +26,5 @@ class RolloutEngine(ABC):
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Load the given tensors (checkpoint names) into the engine's model; return bytes received."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional hook: engines without resources keep the default)
         """Release what the engine holds (a vLLM engine, an HTTP client); nothing by default."""

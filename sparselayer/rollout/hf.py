@@ -1,7 +1,7 @@
 """Rollouts with transformers' `generate` on the trainer's own model (colocated: nothing to push)."""
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 

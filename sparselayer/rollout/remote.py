@@ -15,7 +15,6 @@ from ..errors import RemoteError
 from ..sync.client import DeltaClient
 from .base import RolloutEngine, Rollouts
 
-
 # override sampling defaults a served model's generation_config.json would add (Qwen3: top_k 20):
 # the trainer samples with temperature and top-p only
 PLAIN_SAMPLING = {"top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}

@@ -6,7 +6,7 @@ fused module only once every part has arrived, so a changed part brings its sibl
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -17,7 +17,7 @@ FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 def fused_siblings(name: str) -> list[str]:
     """Checkpoint names loaded together with `name` (itself included), e.g. q_proj -> q/k/v_proj."""
     for group in FUSED_GROUPS:
-        match = re.search(r"\.(%s)\." % "|".join(group), name)
+        match = re.search(rf"\.({'|'.join(group)})\.", name)
         if match:
             return [name[: match.start(1)] + part + name[match.end(1):] for part in group]
     return [name]

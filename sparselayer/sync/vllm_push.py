@@ -8,7 +8,7 @@ every module of the model, which costs far more than loading one layer.
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -32,8 +32,7 @@ def owning_modules(names: Iterable[str]) -> list[str]:
 def load_scoped(worker, weights: list[tuple[str, torch.Tensor]], modules: list[str]) -> int:
     """Load checkpoint-format `weights` into the listed modules of the worker's model; return tensors loaded."""
     from vllm.config import set_current_vllm_config
-    from vllm.model_executor.model_loader.reload.layerwise import (finalize_layerwise_reload,
-                                                                    initialize_layerwise_reload)
+    from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload, initialize_layerwise_reload
 
     runner = worker.model_runner
     model = runner.get_model()

@@ -6,8 +6,8 @@ so no training prompt (and no pretraining sample of the embedded model) is ever 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from functools import cached_property
-from typing import Sequence
 
 from .base import Example, Task
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from sparselayer.errors import ConfigError, DataError
 from sparselayer.tasks.base import Example, Task

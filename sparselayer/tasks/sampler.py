@@ -13,10 +13,13 @@ class PromptSampler:
 
     def take(self, position: int, count: int) -> list[int]:
         """Indices of the prompts at positions position .. position+count-1 of the endless order."""
-        return [self._order(pos // self.size)[pos % self.size] for pos in range(position, position + count)]
+        return [epoch_order(self.size, self.seed, pos // self.size)[pos % self.size]
+                for pos in range(position, position + count)]
 
-    @functools.lru_cache(maxsize=2)
-    def _order(self, epoch: int) -> list[int]:
-        order = list(range(self.size))
-        random.Random(self.seed * 7919 + epoch).shuffle(order)
-        return order
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(size: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled order of one epoch's prompt indices."""
+    order = list(range(size))
+    random.Random(seed * 7919 + epoch).shuffle(order)
+    return order

@@ -11,8 +11,9 @@ import importlib.util
 import math
 import re
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from sparselayer.errors import RewardError
 from sparselayer.tasks.base import Example, Task
