@@ -54,7 +54,8 @@ class Trainer:
         self.head = LogProbHead(self.model.lm_head, config.rollout.temperature, m.fused_loss, self.kernels)
         self.reference = None if rl.beta == 0 else (
             frozen_copy(self.model) if rl.reference == "copy" else initial_values(self.trained))
-        self.engine = engine or build_engine(config, self.model, self.tokenizer)
+        self.engine = engine or build_engine(config.rollout, m.model, self.model, self.tokenizer, m.dtype,
+                                             config.run.seed)
         self.sync_ids = sync_sequence(self.tokenizer, self.task) if config.rollout.check_sync else None
         if self.sync_ids is not None and self.quant != "none":
             raise ConfigError("--check-sync compares with the trainer's unquantized forward: use --quant none")

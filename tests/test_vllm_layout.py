@@ -63,8 +63,8 @@ def test_build_engine_follows_rollout_setting(tiny_model, tmp_path):
     model, tok = load_model(tiny_model, "float32", "cpu")
     for choice in ("hf", "auto"):  # the test suite sets SPARSELAYER_AUTO_ROLLOUT=hf
         config = TrainConfig.from_mapping({"model": str(tiny_model), "rollout": choice})
-        assert isinstance(build_engine(config, model, tok), HFRolloutEngine)
+        assert isinstance(build_engine(config.rollout, config.model.model, model, tok), HFRolloutEngine)
     qwen2 = make_tiny_model(tmp_path / "q2", hidden=32, model_type="qwen2")
     config = TrainConfig.from_mapping({"model": str(qwen2), "rollout": "vllm"})
     with pytest.raises(ConfigError, match="head size 8.*--rollout hf"):
-        build_engine(config, model, tok)
+        build_engine(config.rollout, config.model.model, model, tok)

@@ -11,21 +11,23 @@ import sys
 
 import torch
 
-from ..config import TrainConfig
+from ..config import RolloutConfig
 from ..errors import ConfigError
 from .base import RolloutEngine
 from .hf import HFRolloutEngine
 
 
-def build_engine(config: TrainConfig, model: torch.nn.Module, tokenizer) -> RolloutEngine:
-    """The rollout engine `config.rollout.rollout` asks for, colocated with the trainer's `model`."""
+def build_engine(ro: RolloutConfig, model_dir: str | None, model: torch.nn.Module, tokenizer,
+                 dtype: str = "auto", seed: int = 0) -> RolloutEngine:
+    """The engine `ro.rollout` asks for, colocated with the trainer's `model` loaded from `model_dir`
+    (None: the embedded default) in `dtype`; `seed` seeds vLLM."""
     from ..model.layout import check_model_dir, resolve_dtype
     from ..sync.vllm_layout import plan_serving
     from .vllm_engine import VLLMRolloutEngine, vllm_importable
 
-    ro, choice = config.rollout, config.rollout.rollout
+    choice = ro.rollout
     device = next(model.parameters()).device
-    folder = check_model_dir(config.model.model)
+    folder = check_model_dir(model_dir)
     if ro.rollout_url:  # `sparselayer serve` elsewhere: rollouts over HTTP, layer deltas pushed to it
         from .remote import RemoteRolloutEngine
         return RemoteRolloutEngine(ro.rollout_url, tokenizer, base_model=folder)
@@ -42,6 +44,5 @@ def build_engine(config: TrainConfig, model: torch.nn.Module, tokenizer) -> Roll
     if not vllm_importable():
         raise ConfigError("--rollout vllm needs the vllm package (pip install -e '.[cpu]' or '.[gpu]'), "
                           "or use --rollout hf")
-    return VLLMRolloutEngine(folder, tokenizer, resolve_dtype(config.model.dtype, device), device.type,
-                             ro.max_model_len, ro.gpu_memory_utilization, ro.enforce_eager, ro.sleep_mode,
-                             config.run.seed, plan=plan)
+    return VLLMRolloutEngine(folder, tokenizer, resolve_dtype(dtype, device), device.type, ro.max_model_len,
+                             ro.gpu_memory_utilization, ro.enforce_eager, ro.sleep_mode, seed, plan=plan)
