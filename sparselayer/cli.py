@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .bench.config import PRESETS, StepBenchConfig
-from .config import SECTIONS, TrainConfig
+from .config import SECTIONS, TrainConfig, field_help
 from .errors import ConfigError, SparseLayerError
 
 EMBEDDED_RECIPE = Path(__file__).resolve().parent / "data" / "default_model" / "sparselayer.yaml"
@@ -42,8 +42,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """
     for section, kind in SECTIONS.items():
         group = parser.add_argument_group(section)
+        helps = field_help(kind)
         for f in dataclasses.fields(kind):
-            text = f.metadata.get("help", "")
+            text = helps.get(f.name, "")
             default = shown_default(f.default)
             if default is not None:
                 text = f"{text} (default: {default})" if text else f"default: {default}"

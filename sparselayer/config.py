@@ -2,13 +2,17 @@
 
 Field names follow TRL's GRPOConfig where it has one (learning_rate, num_generations, beta, epsilon,
 epsilon_high, num_iterations, loss_type, scale_rewards, max_completion_length, temperature, ...).
-Each field carries its help text (`option`): the `train`/`sweep` flags, their --help and
-docs/reference.md (`python -m sparselayer.docs`) are all built from these dataclasses.
+Each dataclass's docstring documents its fields once ("Fields:", read by `field_help`): the
+`train`/`sweep` flags, their --help and docs/reference.md (`python -m sparselayer.docs`) are all
+built from these dataclasses.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,181 +34,224 @@ def check_quant_layers(mode: str, trains_all: bool) -> None:
                           "use --quant none")
 
 
-def option(default: Any, help: str, *, aliases: tuple[str, ...] = (), metavar: str | None = None) -> Any:
-    """A setting with its one help text: `sparselayer train --help` and docs/reference.md are built from it.
+def field_help(kind: type) -> dict[str, str]:
+    """Each field's help text, from the "Fields:" block of its dataclass's docstring: every setting is
+    documented there once, and `sparselayer train --help` and docs/reference.md are built from it."""
+    return _parse_fields(kind.__doc__ or "")
 
-    `aliases`: more flags for the same setting (`--from` for layer_ranking); `metavar`: the value's name in help.
-    """
-    meta: dict[str, Any] = {"help": help}
-    if aliases:
-        meta["aliases"] = tuple(aliases)
-    if metavar:
-        meta["metavar"] = metavar
-    return field(default=default, metadata=meta)
+
+@functools.cache
+def _parse_fields(doc: str) -> dict[str, str]:
+    """`name: text` entries (indent 4 after cleandoc) with indented continuation lines, after "Fields:"."""
+    lines = inspect.cleandoc(doc).splitlines()
+    helps: dict[str, str] = {}
+    name = None
+    for line in lines[lines.index("Fields:") + 1:] if "Fields:" in lines else []:
+        entry = re.match(r"^ {4}(\w+): (.*)$", line)
+        if entry:
+            name, helps[entry[1]] = entry[1], entry[2]
+        elif name and line.startswith(" " * 8):
+            helps[name] += " " + line.strip()
+    return helps
 
 
 @dataclass
 class ModelConfig:
-    """Which model, which layers are trained, and how it runs."""
+    r"""Which model, which layers are trained, and how it runs.
 
-    model: str | None = option(
-        None, "local Hugging Face folder of a Qwen3, Qwen2/Qwen2.5 or Llama causal LM (safetensors; nothing is "
-              "downloaded); unset: the embedded tiny model, with its recipe as defaults")
-    layers: str = option(
-        "16", "trained decoder layer(s): 16, -1 (from the end), 14-18, 10,16, mid:5 (the five middle layers), "
-              "top:3 (the three best of a sweep, with --from) or all (full-parameter baseline, same engine); "
-              "--layer K is the one-layer spelling")
-    layer_ranking: str | None = option(
-        None, "a sweep.csv whose C(k) ranking resolves top:k in --layers and --boost-layers",
-        aliases=("--from",), metavar="SWEEP_CSV")
-    dtype: str = option("auto", "auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16")
-    attn_implementation: str = option(
-        "auto", "auto (flash_attention_2 when flash-attn is installed and the model runs on CUDA, else sdpa) | "
-                "sdpa | eager | flash_attention_2")
-    device: str = option("auto", "auto (CUDA when available, else CPU) | cpu | cuda")
-    prefix_cache: bool = option(
-        True, "run the embeddings and the frozen layers below the lowest trained layer once per rollout batch, "
-              "without autograd, and reuse their output in the reference pass and every optimization pass "
-              "(off, or --layers all: a full forward every pass)")
-    gradient_checkpointing: bool = option(
-        False, "recompute the trained layer(s) and the layers above them in the backward instead of keeping "
-               "their activations (less memory, one more forward of those layers; same gradients)")
-    fused_loss: bool = option(
-        True, "fused LM-head log-prob + GRPO loss that never builds a tokens x vocab tensor and returns only "
-              "dL/dhidden; used whenever the head is frozen (--layers all takes the plain path)")
-    quant: str = option(
-        "auto", "frozen decoder layers through bitsandbytes: nf4 (4-bit NormalFloat, bf16 compute) | int8 "
-                "(LLM.int8()) | none; auto: nf4 on CUDA when bitsandbytes is installed, else none. The trained "
-                "layer(s), embeddings and LM head stay dense; refused with --layers all")
-    prefix_cache_budget: str | None = option(
-        None, "device bytes for the frozen-prefix cache (512MiB, 2GiB, 1.5GB, 1e9); entries beyond it wait in "
-              "CPU memory (pinned on CUDA) until the pass that uses them; unset: all on the device (a no-op on CPU)")
-    kernels: str = option(
-        "auto", "backend of every fused kernel (loss, norms, MLP): triton (CUDA; on CPU only under "
-                "TRITON_INTERPRET=1) | torch (chunked PyTorch) | auto (triton on CUDA, torch elsewhere; the "
-                "environment variable SPARSELAYER_KERNELS=torch|triton overrides auto only)")
-    fused_layers: bool = option(
-        True, "fused RMSNorm and SwiGLU kernels (forward + backward) in the trained layer(s) and every layer "
-              "above the lowest one; a frozen MLP keeps only its input for the backward (gate/up recomputed)")
-    share_prompts: str = option(
-        "auto", "with the prefix cache, the rows of a GRPO group run their prompt once per layer and their "
-                "completions attend to its keys and values (same loss and gradients; sdpa/eager attention; "
-                "micro-batches hold whole groups): on | off | auto (where the work saved per layer and "
-                "micro-batch reaches 1e8 FLOPs on CPU, 1e10 on CUDA)")
+    Fields:
+        model: local Hugging Face folder of a Qwen3, Qwen2/Qwen2.5 or Llama causal LM (safetensors; nothing is
+            downloaded); unset: the embedded tiny model, with its recipe as defaults
+        layers: trained decoder layer(s): 16, -1 (from the end), 14-18, 10,16, mid:5 (the five middle layers), top:3
+            (the three best of a sweep, with --from) or all (full-parameter baseline, same engine); --layer K is the
+            one-layer spelling
+        layer_ranking: a sweep.csv whose C(k) ranking resolves top:k in --layers and --boost-layers
+        dtype: auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16
+        attn_implementation: auto (flash_attention_2 when flash-attn is installed and the model runs on CUDA, else
+            sdpa) | sdpa | eager | flash_attention_2
+        device: auto (CUDA when available, else CPU) | cpu | cuda
+        prefix_cache: run the embeddings and the frozen layers below the lowest trained layer once per rollout
+            batch, without autograd, and reuse their output in the reference pass and every optimization pass (off,
+            or --layers all: a full forward every pass)
+        gradient_checkpointing: recompute the trained layer(s) and the layers above them in the backward instead of
+            keeping their activations (less memory, one more forward of those layers; same gradients)
+        fused_loss: fused LM-head log-prob + GRPO loss that never builds a tokens x vocab tensor and returns only
+            dL/dhidden; used whenever the head is frozen (--layers all takes the plain path)
+        quant: frozen decoder layers through bitsandbytes: nf4 (4-bit NormalFloat, bf16 compute) | int8 (LLM.int8())
+            | none; auto: nf4 on CUDA when bitsandbytes is installed, else none. The trained layer(s), embeddings
+            and LM head stay dense; refused with --layers all
+        prefix_cache_budget: device bytes for the frozen-prefix cache (512MiB, 2GiB, 1.5GB, 1e9); entries beyond it
+            wait in CPU memory (pinned on CUDA) until the pass that uses them; unset: all on the device (a no-op on
+            CPU)
+        kernels: backend of every fused kernel (loss, norms, MLP): triton (CUDA; on CPU only under
+            TRITON_INTERPRET=1) | torch (chunked PyTorch) | auto (triton on CUDA, torch elsewhere; the environment
+            variable SPARSELAYER_KERNELS=torch|triton overrides auto only)
+        fused_layers: fused RMSNorm and SwiGLU kernels (forward + backward) in the trained layer(s) and every layer
+            above the lowest one; a frozen MLP keeps only its input for the backward (gate/up recomputed)
+        share_prompts: with the prefix cache, the rows of a GRPO group run their prompt once per layer and their
+            completions attend to its keys and values (same loss and gradients; sdpa/eager attention; micro-batches
+            hold whole groups): on | off | auto (where the work saved per layer and micro-batch reaches 1e8 FLOPs on
+            CPU, 1e10 on CUDA)
+    """
+
+    model: str | None = None
+    layers: str = "16"
+    layer_ranking: str | None = field(default=None, metadata={"aliases": ("--from",), "metavar": "SWEEP_CSV"})
+    dtype: str = "auto"
+    attn_implementation: str = "auto"
+    device: str = "auto"
+    prefix_cache: bool = True
+    gradient_checkpointing: bool = False
+    fused_loss: bool = True
+    quant: str = "auto"
+    prefix_cache_budget: str | None = None
+    kernels: str = "auto"
+    fused_layers: bool = True
+    share_prompts: str = "auto"
 
 
 @dataclass
 class TaskConfig:
-    """Where prompts and rewards come from."""
+    r"""Where prompts and rewards come from.
 
-    task: str | None = option(None, "built-in task name (arithmetic); unset: arithmetic unless --dataset is given")
-    dataset: str | None = option(
-        None, "JSONL or Parquet rows with prompt (or question) and answer, answers checked with math-verify "
-              "(GSM8K #### and \\boxed{}); an optional split column (train/test), else a seeded 10% held-out "
-              "split (at most 500 rows); replaces --task")
-    reward: str | None = option(
-        None, "user reward function module:function or path/to/file.py:function in TRL's reward-function "
-              "convention: fn(prompts=[...], completions=[...], answer=[...]) -> list[float]")
-    num_eval: int = option(500, "held-out prompts for the base and final evaluation")
+    Fields:
+        task: built-in task name (arithmetic); unset: arithmetic unless --dataset is given
+        dataset: JSONL or Parquet rows of prompt (or question) and answer, checked with math-verify (GSM8K ####,
+            \boxed{}); a split column (train/test), else a seeded 10% held-out split (<= 500 rows); replaces --task
+        reward: user reward function module:function or path/to/file.py:function in TRL's reward-function
+            convention: fn(prompts=[...], completions=[...], answer=[...]) -> list[float]
+        num_eval: held-out prompts for the base and final evaluation
+    """
+
+    task: str | None = None
+    dataset: str | None = None
+    reward: str | None = None
+    num_eval: int = 500
 
 
 @dataclass
 class RLConfig:
-    """GRPO settings."""
+    r"""GRPO settings.
 
-    prompts_per_step: int = option(16, "prompts per rollout batch, each sampled --num-generations times")
-    num_generations: int = option(8, "completions per prompt: the GRPO group (at least 2)")
-    learning_rate: float = option(
-        1e-5, "AdamW learning rate of the trained layer(s), constant after --warmup-steps (embedded recipe: 1e-3)")
-    beta: float = option(0.0, "KL coefficient (k3 estimator) towards the reference policy; 0 runs no reference pass")
-    epsilon: float = option(
-        0.2, "clipping range of the surrogate: the ratio is clipped to [1 - epsilon, 1 + epsilon_high]")
-    epsilon_high: float | None = option(
-        None, "upper clipping range (unset: --epsilon); with --loss-type cispo, which requires it, the cap on the "
-              "importance weight itself (TRL's definition, e.g. 5)")
-    num_iterations: int = option(
-        1, "optimization passes per rollout batch; the first pass's log-probs serve as the old-policy log-probs "
-           "unless --old-logp-pass")
-    loss_type: str = option(
-        "dapo", "grpo (sequence mean, then batch mean) | dapo (token mean over the rollout batch) | dr_grpo (token "
-                "sum / (sequences x max completion length)) | bnpo (token mean per micro-batch, averaged) | cispo "
-                "(dapo's normalization; the surrogate -min(ratio, epsilon_high) x advantage x log-prob with the "
-                "weight detached, so every token keeps its gradient; needs --epsilon-high)")
-    scale_rewards: str = option(
-        "group", "divide advantages by the group's reward std (group), the batch's (batch) or not at all "
-                 "(none, Dr. GRPO); true/false mean group/none")
-    max_grad_norm: float = option(1.0, "gradient-norm clipping of the trained parameters")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    micro_batch_size: int = option(
-        32, "sequences per forward/backward; gradients accumulate over the rollout batch, micro-batches are "
-            "balanced by token count (whole GRPO groups per micro-batch unless --share-prompts off)")
-    warmup_steps: int = option(0, "linear learning-rate warm-up over this many steps")
-    optim: str = option(
-        "adamw", "adamw | adamw8bit (bitsandbytes' 8-bit AdamW, CPU too); either keeps fp32 master weights of "
-                 "the trained layer(s) when the model is bf16/fp16, and checkpoints carry them")
-    tis_cap: float | None = option(
-        None, "truncated importance sampling (TRL: vllm_importance_sampling_cap): each token's surrogate is "
-              "multiplied by min(exp(trainer log-prob - sampler log-prob), cap), detached, cap >= 1; applies "
-              "when the engine reports sampling log-probs (vllm, remote), a no-op with hf")
-    boost_layers: str | None = option(
-        None, "with --layers all: these layers (10,16, mid:3, or top:3 with --from) train at --boost-lr, every "
-              "other parameter at --learning-rate")
-    boost_lr: float | None = option(None, "learning rate of --boost-layers (give both or neither)")
-    full_learning_rate: float | None = option(
-        None, "sparselayer sweep only: the full-parameter baseline's learning rate (unset: --learning-rate; "
-              "embedded recipe: 1e-4)")
-    reference: str = option(
-        "swap", "reference policy of the KL term (beta > 0): swap (the trained tensors' initial values swapped "
-                "in for one no-grad pass over the cached prefix; no second model) | copy (a frozen copy of the "
-                "model)")
-    old_logp_pass: bool = option(
-        False, "a separate no-grad pass for the old-policy log-probs; off: the first optimization pass's own "
-               "log-probs serve (the policy has not moved yet)")
+    Fields:
+        prompts_per_step: prompts per rollout batch, each sampled --num-generations times
+        num_generations: completions per prompt: the GRPO group (at least 2)
+        learning_rate: AdamW learning rate of the trained layer(s), constant after --warmup-steps (embedded recipe:
+            1e-3)
+        beta: KL coefficient (k3 estimator) towards the reference policy; 0 runs no reference pass
+        epsilon: clipping range of the surrogate: the ratio is clipped to [1 - epsilon, 1 + epsilon_high]
+        epsilon_high: upper clipping range (unset: --epsilon); with --loss-type cispo, which requires it, the cap on
+            the importance weight itself (TRL's definition, e.g. 5)
+        num_iterations: optimization passes per rollout batch; the first pass's log-probs serve as the old-policy
+            log-probs unless --old-logp-pass
+        loss_type: grpo (sequence mean, then batch mean) | dapo (token mean over the rollout batch) | dr_grpo (token
+            sum / (sequences x max completion length)) | bnpo (token mean per micro-batch, averaged) | cispo (dapo's
+            normalization; the surrogate -min(ratio, epsilon_high) x advantage x log-prob with the weight detached,
+            so every token keeps its gradient; needs --epsilon-high)
+        scale_rewards: divide advantages by the group's reward std (group), the batch's (batch) or not at all (none,
+            Dr. GRPO); true/false mean group/none
+        max_grad_norm: gradient-norm clipping of the trained parameters
+        weight_decay: AdamW weight decay
+        micro_batch_size: sequences per forward/backward; gradients accumulate over the rollout batch, micro-batches
+            are balanced by token count (whole GRPO groups per micro-batch unless --share-prompts off)
+        warmup_steps: linear learning-rate warm-up over this many steps
+        optim: adamw | adamw8bit (bitsandbytes' 8-bit AdamW, CPU too); either keeps fp32 master weights of the
+            trained layer(s) when the model is bf16/fp16, and checkpoints carry them
+        tis_cap: truncated importance sampling (TRL: vllm_importance_sampling_cap): each token's surrogate is
+            multiplied by min(exp(trainer log-prob - sampler log-prob), cap), detached, cap >= 1; applies when the
+            engine reports sampling log-probs (vllm, remote), a no-op with hf
+        boost_layers: with --layers all: these layers (10,16, mid:3, or top:3 with --from) train at --boost-lr,
+            every other parameter at --learning-rate
+        boost_lr: learning rate of --boost-layers (give both or neither)
+        full_learning_rate: sparselayer sweep only: the full-parameter baseline's learning rate (unset:
+            --learning-rate; embedded recipe: 1e-4)
+        reference: reference policy of the KL term (beta > 0): swap (the trained tensors' initial values swapped in
+            for one no-grad pass over the cached prefix; no second model) | copy (a frozen copy of the model)
+        old_logp_pass: a separate no-grad pass for the old-policy log-probs; off: the first optimization pass's own
+            log-probs serve (the policy has not moved yet)
+    """
+
+    prompts_per_step: int = 16
+    num_generations: int = 8
+    learning_rate: float = 1e-5
+    beta: float = 0.0
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    num_iterations: int = 1
+    loss_type: str = "dapo"
+    scale_rewards: str = "group"
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    micro_batch_size: int = 32
+    warmup_steps: int = 0
+    optim: str = "adamw"
+    tis_cap: float | None = None
+    boost_layers: str | None = None
+    boost_lr: float | None = None
+    full_learning_rate: float | None = None
+    reference: str = "swap"
+    old_logp_pass: bool = False
 
 
 @dataclass
 class RolloutConfig:
-    """How completions are sampled."""
+    r"""How completions are sampled.
 
-    rollout: str = option(
-        "auto", "vllm (an in-process vLLM engine kept in sync by layer-delta weight pushes) | hf (transformers "
-                "generate on the trained model itself) | auto (vllm when it is installed and can serve the model, "
-                "else hf; one line on stderr says why)")
-    rollout_url: str | None = option(
-        None, "http://host:port of a `sparselayer serve` process: rollouts and weight pushes go there over HTTP "
-              "instead of an in-process engine (docs/remote.md)")
-    gpu_memory_utilization: float = option(
-        0.3, "vLLM on GPU: share of GPU memory for its weights and KV cache (TRL: vllm_gpu_memory_utilization); "
-             "on CPU the KV cache is sized for 32k tokens instead")
-    max_model_len: int | None = option(
-        None, "vLLM: longest prompt + completion (unset: the model's max_position_embeddings)")
-    enforce_eager: bool = option(
-        True, "vLLM: no CUDA graphs (faster start, less memory); --no-enforce-eager captures them on GPU")
-    sleep_mode: bool = option(
-        False, "vLLM on GPU: release its memory to the trainer between rollouts (TRL: vllm_enable_sleep_mode); "
-               "ignored on CPU, where vLLM has no sleep mode")
-    check_sync: bool = option(
-        False, "after every weight push, the engine's log-probs of a fixed sequence must equal the trainer's "
-               "(float32 engine: within 1e-3, bfloat16: 0.1), else the run stops with an error; needs --quant none")
-    max_completion_length: int | None = option(
-        None, "longest completion in tokens (unset: the task's suggestion, 8 for arithmetic, 256 for datasets)")
-    temperature: float = option(1.0, "sampling temperature")
-    top_p: float = option(1.0, "nucleus-sampling probability mass, in (0, 1]")
+    Fields:
+        rollout: vllm (an in-process vLLM engine kept in sync by layer-delta weight pushes) | hf (transformers
+            generate on the trained model itself) | auto (vllm when it is installed and can serve the model, else
+            hf; one line on stderr says why)
+        rollout_url: http://host:port of a `sparselayer serve` process: rollouts and weight pushes go there over
+            HTTP instead of an in-process engine (docs/remote.md)
+        gpu_memory_utilization: vLLM on GPU: share of GPU memory for its weights and KV cache (TRL:
+            vllm_gpu_memory_utilization); on CPU the KV cache is sized for 32k tokens instead
+        max_model_len: vLLM: longest prompt + completion (unset: the model's max_position_embeddings)
+        enforce_eager: vLLM: no CUDA graphs (faster start, less memory); --no-enforce-eager captures them on GPU
+        sleep_mode: vLLM on GPU: release its memory to the trainer between rollouts (TRL: vllm_enable_sleep_mode);
+            ignored on CPU, where vLLM has no sleep mode
+        check_sync: after every weight push, the engine's log-probs of a fixed sequence must equal the trainer's
+            (float32 engine: within 1e-3, bfloat16: 0.1), else the run stops with an error; needs --quant none
+        max_completion_length: longest completion in tokens (unset: the task's suggestion, 8 for arithmetic, 256 for
+            datasets)
+        temperature: sampling temperature
+        top_p: nucleus-sampling probability mass, in (0, 1]
+    """
+
+    rollout: str = "auto"
+    rollout_url: str | None = None
+    gpu_memory_utilization: float = 0.3
+    max_model_len: int | None = None
+    enforce_eager: bool = True
+    sleep_mode: bool = False
+    check_sync: bool = False
+    max_completion_length: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
 
 
 @dataclass
 class RunConfig:
-    """Run directory, length, seeding and bookkeeping."""
+    r"""Run directory, length, seeding and bookkeeping.
 
-    output_dir: str | None = option(
-        None, "run directory (unset: runs/layers-<L>-<time>); with --resume, the run to continue")
-    max_steps: int = option(100, "GRPO steps (rollout batches) to train")
-    seed: int = option(0, "seed of the prompt order (per epoch) and the rollouts (per step)")
-    save_steps: int = option(10, "write a checkpoint every N steps (and at the end)")
-    save_total_limit: int = option(2, "checkpoints kept; older ones are deleted")
-    eval_at_start: bool = option(True, "measure the base model's held-out accuracy before training, for the summary")
-    eval_at_end: bool = option(True, "measure the trained model's held-out accuracy after training")
-    progress: bool = option(True, "show a progress bar of the steps")
+    Fields:
+        output_dir: run directory (unset: runs/layers-<L>-<time>); with --resume, the run to continue
+        max_steps: GRPO steps (rollout batches) to train
+        seed: seed of the prompt order (per epoch) and the rollouts (per step)
+        save_steps: write a checkpoint every N steps (and at the end)
+        save_total_limit: checkpoints kept; older ones are deleted
+        eval_at_start: measure the base model's held-out accuracy before training, for the summary
+        eval_at_end: measure the trained model's held-out accuracy after training
+        progress: show a progress bar of the steps
+    """
+
+    output_dir: str | None = None
+    max_steps: int = 100
+    seed: int = 0
+    save_steps: int = 10
+    save_total_limit: int = 2
+    eval_at_start: bool = True
+    eval_at_end: bool = True
+    progress: bool = True
 
 
 SECTIONS = {"model": ModelConfig, "task": TaskConfig, "rl": RLConfig, "rollout": RolloutConfig, "run": RunConfig}

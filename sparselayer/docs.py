@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from .cli import EMBEDDED_RECIPE, build_parser, config_flag, shown_default
-from .config import SECTIONS
+from .config import SECTIONS, field_help
 
 REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "reference.md"
 HEADER = """\
@@ -100,7 +100,7 @@ def _action_rows(parser: argparse.ArgumentParser, skip: set[str] = frozenset()) 
 
 def _field_rows(kind: type) -> list[Sequence[str]]:
     """(flag, default, help) of a config dataclass's fields."""
-    rows = []
+    rows, helps = [], field_help(kind)
     for f in dataclasses.fields(kind):
         flags = [config_flag(f), *f.metadata.get("aliases", ())]
         if f.type == "bool":
@@ -110,7 +110,7 @@ def _field_rows(kind: type) -> list[Sequence[str]]:
             flag = ", ".join(f"{s} {metavar}" for s in flags)
         default = shown_default(f.default)
         shown = _code(default) if default is not None else "unset"
-        rows.append((_code(flag), shown, _cell(f.metadata.get("help", ""))))
+        rows.append((_code(flag), shown, _cell(helps.get(f.name, ""))))
     return rows
 
 
@@ -132,7 +132,8 @@ def render() -> str:
     out += _table(("flag", "default", "meaning"), _action_rows(train, skip=config_dests)) + [""]
     out += _recipe_lines() + [""]
     for section, kind in SECTIONS.items():
-        out += [f"### {section}\n", f"{(kind.__doc__ or '').strip()} (`TrainConfig.{section}`, `{kind.__name__}`)\n"]
+        summary = (kind.__doc__ or "").strip().splitlines()[0]
+        out += [f"### {section}\n", f"{summary} (`TrainConfig.{section}`, `{kind.__name__}`)\n"]
         out += _table(("flag", "default", "meaning"), _field_rows(kind)) + [""]
 
     sweep = commands["sweep"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from sparselayer.config import SECTIONS
+from sparselayer.config import SECTIONS, RLConfig, field_help
 from sparselayer.docs import REFERENCE, render
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,8 +16,10 @@ def test_reference_is_current():
 
 
 def test_every_setting_has_help():
-    missing = [f.name for kind in SECTIONS.values() for f in dataclasses.fields(kind) if not f.metadata.get("help")]
-    assert not missing, f"config fields without help text (use config.option): {missing}"
+    missing = [f.name for kind in SECTIONS.values() for f in dataclasses.fields(kind)
+               if not field_help(kind).get(f.name)]
+    assert not missing, f"config fields without help text (the dataclass docstring's Fields:): {missing}"
+    assert set(field_help(RLConfig)) == {f.name for f in dataclasses.fields(RLConfig)}  # no stray entries
 
 
 def test_readme_is_short():
