@@ -122,18 +122,19 @@ def test_dataset_and_task_together(capsys, tmp_path, tiny_model):
     assert_fragment(line, "--dataset and --task are exclusive")
 
 
-def test_empty_jsonl(capsys, tmp_path, tiny_model):
-    data = tmp_path / "empty.jsonl"
-    data.write_text("\n  \n")
-    line = run_cli(capsys, train_args(tiny_model, tmp_path / "out", "--dataset", data))
-    assert_fragment(line, str(data), "empty")
-
-
-def test_malformed_jsonl(capsys, tmp_path, tiny_model):
-    data = tmp_path / "bad.jsonl"
-    data.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=", "answer": \n')
-    line = run_cli(capsys, train_args(tiny_model, tmp_path / "out", "--dataset", data))
-    assert_fragment(line, "line 2", "malformed JSON")
+@pytest.mark.parametrize("flag, name, content, fragments", [
+    ("--dataset", "empty.jsonl", "\n  \n", ("{path}", "empty")),
+    ("--dataset", "bad.jsonl", '{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=", "answer": \n',
+     ("line 2", "malformed JSON")),
+    ("--config", "bad.yaml", "learning_rate: [0.1\nmax_steps: : 3\n", ("{path}", "not valid YAML")),
+    ("--config", "unknown.yaml", "learning_rate: 0.001\nlearning_rat: 0.5\n", ("unknown setting", "learning_rat")),
+])
+def test_bad_file_content(capsys, tmp_path, tiny_model, flag, name, content, fragments):
+    """An empty or malformed dataset, invalid YAML, an unknown setting: one line naming the problem."""
+    path = tmp_path / name
+    path.write_text(content)
+    line = run_cli(capsys, train_args(tiny_model, tmp_path / "out", flag, path))
+    assert_fragment(line, *(f.format(path=path) for f in fragments))
 
 
 def test_jsonl_row_missing_answer(capsys, tmp_path, tiny_model):
@@ -210,20 +211,6 @@ def test_config_file_missing(capsys, tmp_path, tiny_model):
     missing = tmp_path / "nope.yaml"
     line = run_cli(capsys, train_args(tiny_model, tmp_path / "out", "--config", missing))
     assert_fragment(line, "config file not found", str(missing))
-
-
-def test_config_file_invalid_yaml(capsys, tmp_path, tiny_model):
-    cfg = tmp_path / "bad.yaml"
-    cfg.write_text("learning_rate: [0.1\nmax_steps: : 3\n")
-    line = run_cli(capsys, train_args(tiny_model, tmp_path / "out", "--config", cfg))
-    assert_fragment(line, str(cfg), "not valid YAML")
-
-
-def test_config_file_unknown_key(capsys, tmp_path, tiny_model):
-    cfg = tmp_path / "unknown.yaml"
-    cfg.write_text("learning_rate: 0.001\nlearning_rat: 0.5\n")
-    line = run_cli(capsys, train_args(tiny_model, tmp_path / "out", "--config", cfg))
-    assert_fragment(line, "unknown setting", "learning_rat")
 
 
 # ----------------------------------------------------------------------------- run directories

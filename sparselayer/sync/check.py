@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import SyncError
+from ..model.logprobs import head_logprobs
 from ..tasks import Task
 
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.1, torch.float16: 0.02}
@@ -26,8 +27,8 @@ def trainer_logprobs(model: nn.Module, token_ids: list[int]) -> torch.Tensor:
     """The trainer model's log p(token_t | tokens_<t) for t = 1..n-1 (float32)."""
     device = next(model.parameters()).device
     ids = torch.tensor([token_ids], device=device)
-    logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-    return logits.log_softmax(-1).gather(1, ids[0, 1:, None])[:, 0].cpu()
+    hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+    return head_logprobs(model.lm_head, hidden, ids[:, 1:])[0].float().cpu()
 
 
 def check_sync(engine, model: nn.Module, token_ids: list[int], tolerance: float) -> float:
