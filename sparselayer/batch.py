@@ -2,7 +2,7 @@
 step's typed record.
 
 Rollouts (token ids from an engine) -> `collate` -> Batch (padded tensors) -> `StepBatch` (the
-record the GRPO step fills stage by stage: each field is set once, where it is computed).
+record the GRPO step fills stage by stage, each field where it is computed).
 """
 from __future__ import annotations
 
@@ -77,7 +77,8 @@ class StepBatch:
     """One rollout batch on its way through the GRPO step. Who sets what, in step order:
 
     score: batch, rewards, correct, advantages, micro_batches, weights;
-    attach_prefix (the forward's `prepare`): inputs;
+    attach_prefix (the forward's `prepare`): inputs, set to None again when the step is done with them
+    (without inputs the passes run plain full forwards);
     the reference pass: ref_logp (beta > 0);
     old_logp: the separate old-policy pass (--old-logp-pass), else the first optimization pass,
     whose own log-probs are the old policy's (the policy has not moved yet).
@@ -89,6 +90,6 @@ class StepBatch:
     advantages: torch.Tensor  # (B,) group-relative
     micro_batches: list[list[int]]  # row indices of each micro-batch
     weights: torch.Tensor  # B x C token weights of the loss type (the batch loss is sum(w * l))
-    inputs: Any = None  # the forward's prepared micro-batches (cached prefix entries or sub-batches)
+    inputs: Any = None  # a model.forward.PreparedBatch (cached prefix entries or sub-batches); None once freed
     ref_logp: torch.Tensor | None = None  # B x C, under the reference policy
     old_logp: torch.Tensor | None = None  # B x C, under the policy that sampled (before this step's updates)

@@ -1,8 +1,8 @@
 """`sparselayer` command line: a thin layer that turns flags/YAML into API calls (train, eval, export).
 
-Every flag of `train` (and `sweep`) is generated from the config dataclasses, help text included
-(`config.option`), so the CLI cannot offer a setting the Python API lacks. Errors caused by input
-print one line and exit with status 2.
+Every flag of `train` (and `sweep`, and `bench step`) is generated from the config dataclasses, help
+text included (each dataclass's docstring, read by `config.field_help`), so the CLI cannot offer a
+setting the Python API lacks. Errors caused by input print one line and exit with status 2.
 """
 from __future__ import annotations
 
@@ -35,17 +35,18 @@ def shown_default(value: Any) -> str | None:
     return str(value)
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per config field (--learning-rate for learning_rate), help from the field (config.option).
+def _add_config_flags(parser: argparse.ArgumentParser, shown: dict[str, str] | None = None) -> None:
+    """One flag per config field (--learning-rate for learning_rate), help from the field's docstring entry.
 
-    Defaults stay unset (SUPPRESS) so that resolve_train_config sees what was given.
+    Defaults stay unset (SUPPRESS) so that resolve_train_config sees what was given; `shown` replaces
+    the default the help states where a command has its own (sweep: --layers all).
     """
     for section, kind in SECTIONS.items():
         group = parser.add_argument_group(section)
         helps = field_help(kind)
         for f in dataclasses.fields(kind):
             text = helps.get(f.name, "")
-            default = shown_default(f.default)
+            default = (shown or {}).get(f.name, shown_default(f.default))
             if default is not None:
                 text = f"{text} (default: {default})" if text else f"default: {default}"
             flags = (config_flag(f), *f.metadata.get("aliases", ()))
@@ -99,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="train each layer alone and the full model; rank layers by contribution C(k)")
     sw.add_argument("--config", type=Path, help="YAML file of training settings shared by every run")
     sw.add_argument("--seeds", type=int, default=1, help="runs per layer (seeds seed..seed+N-1): mean and std")
-    _add_config_flags(sw)
+    _add_config_flags(sw, {"layers": "all"})
     sw_sub = sw.add_subparsers(dest="sweep_command", required=False)
     cmp = sw_sub.add_parser("compare", help="Spearman rank correlation of two sweeps' C(k)")
     cmp.add_argument("csv_a", type=Path, help="sweep.csv of one sweep")
@@ -110,9 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--preset", choices=sorted(PRESETS), default="default",
                       help="model shape: default (24 layers, hidden 512, vocab 32768) or qwen3-8b (36 layers, "
                            "hidden 4096, vocab 151936, layer 16, nf4, sparse variant only)")
+    helps = field_help(StepBenchConfig)
     for f in dataclasses.fields(StepBenchConfig):
-        step.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
-                          type=type(f.default), help=f"default: {f.default} (or the preset's)")
+        step.add_argument(config_flag(f), dest=f.name, default=argparse.SUPPRESS, type=type(f.default),
+                          help=f"{helps[f.name]} (default: {f.default}, or the preset's)")
     step.add_argument("--output", type=Path, default=Path("benchmarks/results/step.json"),
                       help="JSON file the results are written to")
     return parser

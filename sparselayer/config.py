@@ -42,16 +42,23 @@ def field_help(kind: type) -> dict[str, str]:
 
 @functools.cache
 def _parse_fields(doc: str) -> dict[str, str]:
-    """`name: text` entries (indent 4 after cleandoc) with indented continuation lines, after "Fields:"."""
+    """The "Fields:" block: `name: text` lines indented 4 (after cleandoc), continuation lines indented 8.
+    The block ends at the first line indented less than 4; any other line in it is a ValueError, so a
+    slip in a docstring cannot silently move or drop help text."""
     lines = inspect.cleandoc(doc).splitlines()
     helps: dict[str, str] = {}
     name = None
     for line in lines[lines.index("Fields:") + 1:] if "Fields:" in lines else []:
-        entry = re.match(r"^ {4}(\w+): (.*)$", line)
-        if entry:
+        if line.strip() and not line.startswith(" " * 4):
+            break
+        entry = re.fullmatch(r" {4}(\w+): (\S.*)", line)
+        if entry and entry[1] not in helps:
             name, helps[entry[1]] = entry[1], entry[2]
-        elif name and line.startswith(" " * 8):
+        elif name and re.fullmatch(r" {8}\S.*", line):
             helps[name] += " " + line.strip()
+        elif line.strip():
+            raise ValueError(f"config docstring: a Fields: line is neither `    name: help` nor an 8-space "
+                             f"continuation: {line!r}")
     return helps
 
 
@@ -75,8 +82,8 @@ class ModelConfig:
             or --layers all: a full forward every pass)
         gradient_checkpointing: recompute the trained layer(s) and the layers above them in the backward instead of
             keeping their activations (less memory, one more forward of those layers; same gradients)
-        fused_loss: fused LM-head log-prob + GRPO loss that never builds a tokens x vocab tensor and returns only
-            dL/dhidden; used whenever the head is frozen (--layers all takes the plain path)
+        fused_loss: fused LM-head log-probs that never build a tokens x vocab tensor and return only dL/dhidden
+            to the GRPO objective's backward; used whenever the head is frozen (--layers all: the plain head)
         quant: frozen decoder layers through bitsandbytes: nf4 (4-bit NormalFloat, bf16 compute) | int8 (LLM.int8())
             | none; auto: nf4 on CUDA when bitsandbytes is installed, else none. The trained layer(s), embeddings
             and LM head stay dense; refused with --layers all
@@ -234,7 +241,8 @@ class RunConfig:
     r"""Run directory, length, seeding and bookkeeping.
 
     Fields:
-        output_dir: run directory (unset: runs/layers-<L>-<time>); with --resume, the run to continue
+        output_dir: run directory (unset: runs/layers-<L>-<time> for train, runs/sweep-<model>-<task>-<N>steps
+            for sweep); with --resume, the run to continue
         max_steps: GRPO steps (rollout batches) to train
         seed: seed of the prompt order (per epoch) and the rollouts (per step)
         save_steps: write a checkpoint every N steps (and at the end)

@@ -1,7 +1,7 @@
 """The sweep results file (`sweep.csv`): its columns, how rows are written, and how a ranking is read back.
 
 `sparselayer sweep` writes one row for the base model, one for full-parameter training and one per
-trained layer; `--layers top:k --from sweep.csv` and `sparselayer compare` read the layer rows'
+trained layer; `--layers top:k --from sweep.csv` and `sparselayer sweep compare` read the layer rows'
 contribution C(k). Both sides go through this module, so the format lives in one place. Low level on
 purpose (errors and stdlib only at import), so reading a ranking never pulls in torch.
 """

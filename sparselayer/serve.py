@@ -1,2 +1,6 @@
-"""Old import path of `sparselayer serve`: the server lives in `sparselayer.sync.server`."""
-from .sync.server import serve  # noqa: F401
+"""Compatibility alias: `sparselayer serve` lives in `sparselayer.sync.server`."""
+from .model.layout import check_model_dir
+from .sync.server import CPU_KV_CACHE_BYTES, DeltaState, build_router, refused_tensors, serve, vllm_args
+
+__all__ = ["CPU_KV_CACHE_BYTES", "DeltaState", "build_router", "check_model_dir", "refused_tensors", "serve",
+           "vllm_args"]

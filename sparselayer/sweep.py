@@ -118,8 +118,9 @@ def _claim_directory(directory: Path, config: TrainConfig) -> None:
     settings = _settings(config)
     if plan_file.is_file():
         saved = yaml.safe_load(plan_file.read_text()) or {}
+        defaults = TrainConfig().to_dict()  # a setting newer than the saved sweep ran at its default there
         differ = sorted(k for section in settings for k in settings[section]
-                        if saved.get(section, {}).get(k) != settings[section][k])
+                        if saved.get(section, {}).get(k, defaults[section][k]) != settings[section][k])
         if differ:
             raise ConfigError(f"{directory} holds a sweep with other settings ({', '.join(differ)}): "
                               "repeat them, or pick another --output-dir")

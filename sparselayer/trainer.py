@@ -54,8 +54,7 @@ class Trainer:
         self.head = LogProbHead(self.model.lm_head, config.rollout.temperature, m.fused_loss, self.kernels)
         self.reference = None if rl.beta == 0 else (
             frozen_copy(self.model) if rl.reference == "copy" else initial_values(self.trained))
-        self.engine = engine or build_engine(config.rollout, m.model, self.model, self.tokenizer, m.dtype,
-                                             config.run.seed)
+        self.engine = engine or build_engine(config.rollout, m.model, self.model, self.tokenizer, config.run.seed)
         self.sync_ids = sync_sequence(self.tokenizer, self.task) if config.rollout.check_sync else None
         if self.sync_ids is not None and self.quant != "none":
             raise ConfigError("--check-sync compares with the trainer's unquantized forward: use --quant none")
@@ -80,7 +79,7 @@ class Trainer:
         shared = sb.inputs.shared
         if rl.beta > 0:
             sb.ref_logp = self.reference_logprobs(sb)
-        if rl.old_logp_pass:  # else the first pass's own log-probs are the old policy's
+        if self._old_logp_pass():  # else the first pass's own log-probs are the old policy's
             sb.old_logp = self.policy_logprobs(sb)
         timer.mark("logprob_s")
         passes = [self.optimize(sb, iteration) for iteration in range(rl.num_iterations)]
@@ -128,9 +127,9 @@ class Trainer:
     def reference_logprobs(self, sb: StepBatch) -> torch.Tensor:
         """Log-probs (B x C) under the reference policy (--reference swap: the trained tensors' initial
         values swapped in; copy: a separate frozen model, run in full)."""
-        if isinstance(self.reference, torch.nn.Module):
+        if isinstance(self.reference, torch.nn.Module):  # the same head computation as the policy's
             forward = FullForward(self.reference)
-            head = LogProbHead(self.reference.lm_head, self.head.temperature, fused=False)
+            head = LogProbHead(self.reference.lm_head, self.head.temperature, self.head.fused, self.kernels)
             return self.batch_logprobs(sb, forward, forward.prepare(sb.batch, sb.micro_batches), head)
         with swapped_in(self.trained, self.reference):
             return self.policy_logprobs(sb)
@@ -138,7 +137,7 @@ class Trainer:
     @torch.no_grad()
     def policy_logprobs(self, sb: StepBatch) -> torch.Tensor:
         """Log-probs (B x C) under the current policy, without gradient."""
-        return self.batch_logprobs(sb, self.forward, sb.inputs or self.attach_prefix(sb), self.head)
+        return self.batch_logprobs(sb, *self._prepared(sb), self.head)
 
     def optimize(self, sb: StepBatch, iteration: int = 0) -> dict[str, float]:
         """One pass over the rollout batch: accumulate gradients over micro-batches, clip, one optimizer step."""
@@ -159,8 +158,8 @@ class Trainer:
         read them from there.
         """
         rl = self.config.rl
-        inputs = sb.inputs or self.attach_prefix(sb)
-        first = iteration == 0 and not rl.old_logp_pass
+        forward, inputs = self._prepared(sb)
+        first = iteration == 0 and not self._old_logp_pass()
         if not first and sb.old_logp is None:
             raise ValueError("a pass other than the on-policy first one needs sb.old_logp")
         if first:
@@ -168,7 +167,7 @@ class Trainer:
         totals = {"loss": 0.0, "kl": 0.0, "clip": 0.0}
         self.model.train()
         for j, rows in enumerate(sb.micro_batches):
-            hidden, sub = self.forward.hidden(inputs, j)
+            hidden, sub = forward.hidden(inputs, j)
             logp = self.head(hidden, sub)
             C = logp.shape[1]
             if first:
@@ -242,6 +241,18 @@ class Trainer:
             return FullForward(self.model)
         budget = parse_size(m.prefix_cache_budget) if m.prefix_cache_budget is not None else None
         return CachedPrefixForward(self.model, min(self.layers), m.share_prompts, budget, m.gradient_checkpointing)
+
+    def _prepared(self, sb: StepBatch) -> tuple[CachedPrefixForward | FullForward, PreparedBatch]:
+        """The forward and the prepared micro-batches of `sb`: the attached ones, or (nothing attached) plain
+        full forwards, transient, so that nothing is cached on a batch its caller did not prepare."""
+        if sb.inputs is not None:
+            return self.forward, sb.inputs
+        full = FullForward(self.model)
+        return full, full.prepare(sb.batch, sb.micro_batches)
+
+    def _old_logp_pass(self) -> bool:
+        """--old-logp-pass, where a later pass needs old-policy log-probs (TRL skips it for a single pass)."""
+        return self.config.rl.old_logp_pass and self.config.rl.num_iterations > 1
 
     def _epsilon_high(self) -> float:
         rl = self.config.rl

@@ -54,3 +54,19 @@ def test_no_import_cycles_between_modules():
 def test_ruff_is_clean():
     done = _run(sys.executable, "-m", "ruff", "check", "sparselayer", "tests", "benchmarks")
     assert done.returncode == 0, done.stdout[-4000:]
+
+
+def test_moved_names_keep_their_old_import_paths():
+    """Module paths users were pointed to keep working as aliases of where the code lives now."""
+    import sparselayer.batch
+    import sparselayer.objective
+    import sparselayer.sync.delta
+    from sparselayer.rl.grpo import per_token_loss, tis_weights
+    from sparselayer.rollout.base import Batch, collate
+    from sparselayer.rollout.delta import decode_delta, encode_delta
+    from sparselayer.serve import DeltaState, serve
+
+    assert tis_weights is sparselayer.objective.tis_weights and per_token_loss is sparselayer.objective.per_token_loss
+    assert encode_delta is sparselayer.sync.delta.encode_delta and decode_delta is sparselayer.sync.delta.decode_delta
+    assert Batch is sparselayer.batch.Batch and collate is sparselayer.batch.collate
+    assert callable(serve) and DeltaState.__module__ == "sparselayer.sync.server"

@@ -224,6 +224,11 @@ def test_serve_bad_model_folder_is_one_line_error(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"sparselayer: error: model path does not exist: {tmp_path / 'nope'}"]
+    proc = subprocess.run([sys.executable, "-m", "sparselayer.cli", "serve", "--model", ""],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["sparselayer: error: --model is empty: give the folder of the model "
+                                                "to serve"]
 
 
 def test_remote_engine_unreachable_server_is_clear():
@@ -250,3 +255,15 @@ def test_tied_embedding_push_refused_on_cpu():
         pytest.skip("the refusal is CPU-only")
     with pytest.raises(DeltaError, match="tied to the LM head"):
         state.decode(D.encode_delta({"model.embed_tokens.weight": emb.float() + 1}, {}, 0))
+
+
+def test_remote_engine_resync_forgets_server_state():
+    """Setting version to None (or resync()) makes the next push start from the server's state again."""
+    from sparselayer.rollout.remote import RemoteRolloutEngine
+
+    engine = RemoteRolloutEngine(f"http://127.0.0.1:{_free_port()}", tokenizer=None, timeout=5)
+    engine.sync.version, engine.sync.pushed = 3, {"x": torch.zeros(2)}
+    engine.version = None
+    assert engine.version is None and engine.pushed == {}
+    engine.version = 5
+    assert engine.sync.version == 5

@@ -192,3 +192,17 @@ def test_boost_layers_param_groups(tiny_model):
         Trainer(_sweep_config(tiny_model, layers="1", boost_layers="2", boost_lr=0.5))
     with pytest.raises(ConfigError, match="go together"):
         _sweep_config(tiny_model, layers="all", boost_layers="2").validate()
+
+
+def test_sweep_folder_from_before_a_new_setting_is_still_accepted(tmp_path):
+    """A sweep.yaml written before a setting existed ran at that setting's default: resuming is allowed,
+    while a setting that really differs is still refused."""
+    from sparselayer.sweep import _claim_directory, _settings
+
+    config = TrainConfig.from_mapping({"layers": "1"})
+    older = _settings(config)
+    del older["rl"]["reference"], older["rl"]["old_logp_pass"]
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(older))
+    _claim_directory(tmp_path, config)  # no error
+    with pytest.raises(ConfigError, match="other settings.*reference"):
+        _claim_directory(tmp_path, TrainConfig.from_mapping({"layers": "1", "reference": "copy"}))

@@ -19,7 +19,30 @@ VARIANTS = ("full", "sparse", "sparse-no-share")
 
 @dataclass
 class StepBenchConfig:
-    """Model shape, batch and GRPO settings of the benchmark (defaults: the issue's configuration)."""
+    """Model shape, batch and GRPO settings of the step benchmark (a random Qwen3-architecture model).
+
+    Fields:
+        num_layers: decoder layers of the random model
+        hidden: hidden size
+        intermediate: MLP intermediate size
+        vocab: vocabulary size
+        heads: attention heads
+        kv_heads: key/value heads (grouped-query attention)
+        layer: the layer the sparse variants train
+        prompts: prompts per rollout batch
+        generations: completions per prompt
+        prompt_len: tokens per prompt (synthetic, fixed length)
+        completion_len: tokens per completion (synthetic, fixed length)
+        num_iterations: optimization passes per rollout batch
+        beta: KL coefficient (beta > 0 runs a reference pass)
+        micro_batch_size: sequences per forward/backward
+        steps: measured steps, after one warm-up step
+        seed: seed of the model, the rollouts and the rewards
+        dtype: auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16
+        device: auto | cpu | cuda
+        quant: frozen layers of the sparse variants: none | nf4 | int8 (the full variant has none)
+        variants: which to run, a comma list of full, sparse, sparse-no-share; the ratios need full and sparse
+    """
 
     num_layers: int = 24
     hidden: int = 512
@@ -35,12 +58,12 @@ class StepBenchConfig:
     num_iterations: int = 2
     beta: float = 0.04
     micro_batch_size: int = 8
-    steps: int = 2  # measured steps, after one warm-up step
+    steps: int = 2
     seed: int = 0
     dtype: str = "auto"
     device: str = "auto"
-    quant: str = "none"  # frozen layers of the sparse variant: none | nf4 | int8 (the full variant has none)
-    variants: str = "full,sparse"  # which to run (of full, sparse, sparse-no-share); the ratios need full and sparse
+    quant: str = "none"
+    variants: str = "full,sparse"
 
 
 def parse_variants(text: str) -> list[str]:

@@ -52,6 +52,9 @@ class LMHeadKernels:
     lse_and_target: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
     # (hidden, weight, targets, lse, dL/dlogp, temperature) -> dL/dhidden, hidden's shape and dtype
     grad_hidden: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+    # run grad_hidden on the tokens with a nonzero gradient only (padding costs nothing); it costs a
+    # gather/scatter and, on a GPU, a device sync, so a backend whose tiles are cheap may leave it off
+    skip_zero_grad: bool = True
 
 
 @dataclass(frozen=True)

@@ -109,7 +109,10 @@ def head_kernels(backend: str, device: torch.device) -> LMHeadKernels:
 
 def _grad_active_tokens(kernels: LMHeadKernels, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                         lse: torch.Tensor, grad_logp: torch.Tensor, temperature: float) -> torch.Tensor:
-    """dL/dhidden computed on the tokens with a nonzero gradient only and scattered back: padding costs nothing."""
+    """dL/dhidden computed on the tokens with a nonzero gradient only and scattered back: padding costs nothing
+    (for backends with `skip_zero_grad`; the others run every token)."""
+    if not kernels.skip_zero_grad:
+        return kernels.grad_hidden(hidden, weight, targets, lse, grad_logp, temperature)
     active = torch.nonzero(grad_logp).squeeze(1)
     if active.numel() == grad_logp.numel():
         return kernels.grad_hidden(hidden, weight, targets, lse, grad_logp, temperature)

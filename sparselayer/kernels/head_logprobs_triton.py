@@ -160,4 +160,4 @@ def triton_grad_hidden(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
 @functools.lru_cache(maxsize=1)
 def triton_kernels() -> LMHeadKernels:
     """The Triton backend as an LMHeadKernels pair."""
-    return LMHeadKernels(lse_and_target=triton_lse_and_target, grad_hidden=triton_grad_hidden)
+    return LMHeadKernels(lse_and_target=triton_lse_and_target, grad_hidden=triton_grad_hidden, skip_zero_grad=False)

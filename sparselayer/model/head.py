@@ -1,7 +1,8 @@
 """The LM head as the step uses it: final hidden states in, log-probs of the completion tokens out.
 
 Fused (`sparselayer.kernels.head_logprobs`): no tokens x vocab tensor, gradient for the hidden
-states only, so it needs a frozen head. Plain: materialized logits through the module, autograd
+states only, so it needs a frozen head. Plain (`model.logprobs.plain_head_logprobs`): materialized
+logits through the module in its own dtype, autograd
 for everything (a trained head, or `--no-fused-loss`). Either way the loss is the one objective
 applied to these log-probs; autograd carries dL/dlogp back through whichever head ran.
 """
@@ -11,8 +12,8 @@ import torch
 from torch import nn
 
 from ..batch import Batch
-from ..kernels import head_logprobs as fused_head_logprobs
-from .logprobs import head_logprobs
+from ..kernels import head_logprobs
+from .logprobs import plain_head_logprobs
 
 
 class LogProbHead:
@@ -26,7 +27,7 @@ class LogProbHead:
         """Log-probs (B' x C) of `sub`'s completion tokens from its final hidden states (B' x C x H)."""
         targets = sub.input_ids[:, sub.prompt_len:]
         if not self.fused:
-            return head_logprobs(self.lm_head, hidden, targets, self.temperature)
-        flat = fused_head_logprobs(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets.reshape(-1),
+            return plain_head_logprobs(self.lm_head, hidden, targets, self.temperature)
+        flat = head_logprobs(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets.reshape(-1),
                                    self.temperature, backend=self.backend)
         return flat.view(targets.shape)

@@ -15,7 +15,8 @@ def completion_hidden(model: nn.Module, batch: Batch) -> torch.Tensor:
     return hidden[:, batch.prompt_len - 1 : -1]
 
 
-def head_logprobs(lm_head: nn.Module, h: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def plain_head_logprobs(lm_head: nn.Module, h: torch.Tensor, targets: torch.Tensor,
+                        temperature: float = 1.0) -> torch.Tensor:
     """Plain (materialized-logits) log p(target) through the LM head at a temperature: (B x C)."""
     logits = lm_head(h).float() / temperature
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
@@ -23,5 +24,5 @@ def head_logprobs(lm_head: nn.Module, h: torch.Tensor, targets: torch.Tensor, te
 
 def completion_logprobs(model: nn.Module, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
     """log p(token_t | prefix) for each completion position (B x C); the head runs on completion rows only."""
-    return head_logprobs(model.lm_head, completion_hidden(model, batch), batch.input_ids[:, batch.prompt_len:],
+    return plain_head_logprobs(model.lm_head, completion_hidden(model, batch), batch.input_ids[:, batch.prompt_len:],
                          temperature)

@@ -19,7 +19,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from ..batch import Batch
-from .logprobs import head_logprobs
+from .logprobs import plain_head_logprobs
 
 
 @dataclass
@@ -221,4 +221,4 @@ def hidden_from_prefix(model: nn.Module, entry: PrefixEntry, start: int, checkpo
 def logprobs_from_prefix(model: nn.Module, entry: PrefixEntry, start: int, temperature: float = 1.0) -> torch.Tensor:
     """Completion log-probs (B x C) from the cached hidden state: layers start.. , final norm, head."""
     h = hidden_from_prefix(model, entry, start)
-    return head_logprobs(model.lm_head, h, entry.batch.input_ids[:, entry.batch.prompt_len:], temperature)
+    return plain_head_logprobs(model.lm_head, h, entry.batch.input_ids[:, entry.batch.prompt_len:], temperature)

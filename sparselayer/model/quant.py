@@ -41,7 +41,8 @@ def bitsandbytes_available() -> bool:
 
 def resolve_quant(mode: str, device: torch.device, layers: list[int] | None) -> str:
     """'auto' is nf4 on CUDA when bitsandbytes imports, else none: on CPU bitsandbytes' kernels are slower
-    than a dense fp32 matmul (README, Performance), and with --layers all nothing is frozen."""
+    than a dense fp32 matmul (benchmarks/README.md, quantized frozen layers), and with --layers all
+    nothing is frozen."""
     if mode == "auto":
         if layers is None or device.type != "cuda":
             return "none"

@@ -18,17 +18,18 @@ def initial_values(trained: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
 
 @contextmanager
 def swapped_in(trained: dict[str, nn.Parameter], values: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Within the block the trained tensors hold `values`; afterwards their own values again, even on error."""
-    current = initial_values(trained)
-    with torch.no_grad():
+    """Within the block the trained parameters hold `values`, afterwards their own tensors again, even on
+    error. The storages are exchanged, not copied (no third copy of the trained tensors), and the
+    Parameter objects stay the same ones the optimizer and the gradient hooks hold."""
+    def exchange() -> None:
         for name, p in trained.items():
-            p.copy_(values[name])
+            p.data, values[name] = values[name], p.data
+
+    exchange()
     try:
         yield
     finally:
-        with torch.no_grad():
-            for name, p in trained.items():
-                p.copy_(current[name])
+        exchange()
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

@@ -18,10 +18,10 @@ from .hf import HFRolloutEngine
 
 
 def build_engine(ro: RolloutConfig, model_dir: str | None, model: torch.nn.Module, tokenizer,
-                 dtype: str = "auto", seed: int = 0) -> RolloutEngine:
+                 seed: int = 0) -> RolloutEngine:
     """The engine `ro.rollout` asks for, colocated with the trainer's `model` loaded from `model_dir`
-    (None: the embedded default) in `dtype`; `seed` seeds vLLM."""
-    from ..model.layout import check_model_dir, resolve_dtype
+    (None: the embedded default); a vLLM engine runs in the model's dtype, seeded by `seed`."""
+    from ..model.layout import check_model_dir
     from ..sync.vllm_layout import plan_serving
     from .vllm_engine import VLLMRolloutEngine, vllm_importable
 
@@ -44,5 +44,5 @@ def build_engine(ro: RolloutConfig, model_dir: str | None, model: torch.nn.Modul
     if not vllm_importable():
         raise ConfigError("--rollout vllm needs the vllm package (pip install -e '.[cpu]' or '.[gpu]'), "
                           "or use --rollout hf")
-    return VLLMRolloutEngine(folder, tokenizer, resolve_dtype(dtype, device), device.type, ro.max_model_len,
+    return VLLMRolloutEngine(folder, tokenizer, model.dtype, device.type, ro.max_model_len,
                              ro.gpu_memory_utilization, ro.enforce_eager, ro.sleep_mode, seed, plan=plan)

@@ -11,7 +11,9 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from ..batch import Rollouts
+from ..batch import Batch, Rollouts, collate  # Batch, collate: re-exported for code written against this module
+
+__all__ = ["Batch", "RolloutEngine", "Rollouts", "collate"]
 
 
 class RolloutEngine(ABC):

@@ -41,8 +41,15 @@ class RemoteRolloutEngine(RolloutEngine):
 
     @property
     def version(self) -> int | None:
-        """The server's weights version this engine last saw (None: not asked yet)."""
+        """The server's weights version this engine last saw (None: not asked yet; setting None resyncs)."""
         return self.sync.version
+
+    @version.setter
+    def version(self, value: int | None) -> None:
+        if value is None:
+            self.sync.resync()
+        else:
+            self.sync.version = value
 
     @property
     def pushed(self) -> dict[str, torch.Tensor]:

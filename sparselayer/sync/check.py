@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import SyncError
-from ..model.logprobs import head_logprobs
+from ..model.logprobs import plain_head_logprobs
 from ..tasks import Task
 
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.1, torch.float16: 0.02}
@@ -28,7 +28,7 @@ def trainer_logprobs(model: nn.Module, token_ids: list[int]) -> torch.Tensor:
     device = next(model.parameters()).device
     ids = torch.tensor([token_ids], device=device)
     hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
-    return head_logprobs(model.lm_head, hidden, ids[:, 1:])[0].float().cpu()
+    return plain_head_logprobs(model.lm_head, hidden, ids[:, 1:])[0].float().cpu()
 
 
 def check_sync(engine, model: nn.Module, token_ids: list[int], tolerance: float) -> float:

@@ -75,6 +75,11 @@ class DeltaClient:
         self.version = self.last_push["version"]
         return len(payload)
 
+    def resync(self) -> None:
+        """Forget what this client believes the server holds (after a refused push, or a server restart):
+        the next push asks the server's version again and sends every tensor against the server's base."""
+        self.version, self.pushed = None, {}
+
     def close(self) -> None:
         """Close the HTTP connection pool."""
         self.http.close()

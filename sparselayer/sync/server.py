@@ -191,7 +191,9 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, max_mode
     """Serve `model` with vLLM on host:port, accepting layer deltas at /sparselayer/delta, until stopped."""
     import uvloop
 
-    path = check_model_dir(model)  # ModelError before any engine starts
+    if not str(model).strip():  # an empty path would mean the embedded model to check_model_dir
+        raise ModelError("--model is empty: give the folder of the model to serve")
+    path = check_model_dir(model)  # ModelError before any engine starts: the model families the trainer takes
     plan = plan_serving(path, "cuda" if torch.cuda.is_available() else "cpu")
     if plan.problem:
         raise ModelError(plan.problem)

@@ -1,0 +1,1 @@
+"""Compatibility alias: the GRPO math lives in `sparselayer.objective`."""
