@@ -53,6 +53,9 @@ def _add_config_flags(parser: argparse.ArgumentParser, shown: dict[str, str] | N
             if f.type == "bool":
                 group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
                                    default=argparse.SUPPRESS, help=text.replace("%", "%%"))
+            elif f.type.startswith("list"):  # repeatable: --reward a --reward b
+                group.add_argument(*flags, dest=f.name, action="append", default=argparse.SUPPRESS,
+                                   metavar=f.metadata.get("metavar", f.name.upper()), help=text.replace("%", "%%"))
             else:
                 group.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS,
                                    metavar=f.metadata.get("metavar", f.name.upper()), help=text.replace("%", "%%"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import json
 import math
 import re
 from collections.abc import Mapping
@@ -123,16 +124,39 @@ class TaskConfig:
 
     Fields:
         task: built-in task name (arithmetic); unset: arithmetic unless --dataset is given
-        dataset: JSONL or Parquet rows of prompt (or question) and answer, checked with math-verify (GSM8K ####,
-            \boxed{}); a split column (train/test), else a seeded 10% held-out split (<= 500 rows); replaces --task
-        reward: user reward function module:function or path/to/file.py:function in TRL's reward-function
-            convention: fn(prompts=[...], completions=[...], answer=[...]) -> list[float]
-        num_eval: held-out prompts for the base and final evaluation
+        dataset: JSONL, Parquet or CSV file, or a folder written by datasets' save_to_disk: rows of prompt (text, or a
+            conversation: a list of {role, content} messages) or question, an optional answer (checked with
+            math-verify: GSM8K ####, \boxed{}), and any other columns, which reach reward functions; held-out
+            rows: --eval-dataset, else a split column (train/test), else a seeded 10% split (<= 500 rows);
+            replaces --task
+        dataset_split: split of a dataset folder or file to train on (unset: train, else the only split)
+        eval_dataset: held-out rows from another file or folder (same formats as --dataset)
+        reward: reward function(s), repeatable: a built-in (accuracy: math answer checking; format: the completion
+            matches --format-pattern) or module:function / path/to/file.py:function, which runs that code, in
+            TRL's convention: fn(prompts=[...], completions=[...], completion_ids=[...], **columns) -> list of
+            float or None (None: not applicable); unset: the task's own correctness reward
+        reward_weights: weight of each --reward in the summed reward, in the same order (unset: all 1)
+        format_pattern: regular expression the whole completion must match for the format reward
+        chat_template: auto (the tokenizer's chat template renders conversation prompts; text prompts stay text) |
+            none (never) | path to a Jinja template file (renders every prompt, text as one user message)
+        system_prompt: system message put before every conversation prompt that has none
+        chat_template_kwargs: JSON object of extra chat-template variables, e.g. {"enable_thinking": false}
+        drop_long_prompts: drop prompts whose tokens leave no room for --max-completion-length within the model's
+            context, with a count on stderr (off: such a prompt is an error)
+        num_eval: held-out prompts for the base and final evaluation (and every --eval-steps)
     """
 
     task: str | None = None
     dataset: str | None = None
-    reward: str | None = None
+    dataset_split: str | None = None
+    eval_dataset: str | None = None
+    reward: list[str] | None = None
+    reward_weights: list[float] | None = None
+    format_pattern: str = r"(?s)\s*<think>.*?</think>\s*\S.*"
+    chat_template: str = "auto"
+    system_prompt: str | None = None
+    chat_template_kwargs: str | None = None
+    drop_long_prompts: bool = False
     num_eval: int = 500
 
 
@@ -210,6 +234,8 @@ class RolloutConfig:
             hf; one line on stderr says why)
         rollout_url: http://host:port of a `sparselayer serve` process: rollouts and weight pushes go there over
             HTTP instead of an in-process engine (docs/remote.md)
+        rollout_api_key: the key of that server (its --api-key), sent with every request; unset: the environment
+            variable SPARSELAYER_API_KEY, if set
         gpu_memory_utilization: vLLM on GPU: share of GPU memory for its weights and KV cache (TRL:
             vllm_gpu_memory_utilization); on CPU the KV cache is sized for 32k tokens instead
         max_model_len: vLLM: longest prompt + completion (unset: the model's max_position_embeddings)
@@ -226,6 +252,7 @@ class RolloutConfig:
 
     rollout: str = "auto"
     rollout_url: str | None = None
+    rollout_api_key: str | None = None
     gpu_memory_utilization: float = 0.3
     max_model_len: int | None = None
     enforce_eager: bool = True
@@ -250,6 +277,14 @@ class RunConfig:
         eval_at_start: measure the base model's held-out accuracy before training, for the summary
         eval_at_end: measure the trained model's held-out accuracy after training
         progress: show a progress bar of the steps
+        max_consecutive_skips: a step whose loss or gradient norm is not finite is skipped (no optimizer step, no
+            push; counted as skipped_steps in metrics.jsonl); this many skips in a row stop the run
+        report_to: where metrics also go, repeatable or comma-separated: none | tensorboard | wandb | trackio (the
+            same keys as metrics.jsonl; wandb honours WANDB_MODE=offline)
+        log_completions: every N steps, a few prompts with their completions and rewards go to completions.jsonl in
+            the run directory and to the loggers as a table (0: never)
+        eval_steps: held-out accuracy every N steps, in metrics.jsonl (eval_accuracy) and the loggers (0: only at
+            the start and the end)
     """
 
     output_dir: str | None = None
@@ -260,6 +295,10 @@ class RunConfig:
     eval_at_start: bool = True
     eval_at_end: bool = True
     progress: bool = True
+    max_consecutive_skips: int = 3
+    report_to: list[str] | None = None
+    log_completions: int = 0
+    eval_steps: int = 0
 
 
 SECTIONS = {"model": ModelConfig, "task": TaskConfig, "rl": RLConfig, "rollout": RolloutConfig, "run": RunConfig}
@@ -309,6 +348,7 @@ class TrainConfig:
         _positive(prompts_per_step=rl.prompts_per_step, num_iterations=rl.num_iterations,
                   micro_batch_size=rl.micro_batch_size,
                   max_steps=run.max_steps, save_steps=run.save_steps, save_total_limit=run.save_total_limit,
+                  max_consecutive_skips=run.max_consecutive_skips,
                   num_eval=self.task.num_eval)
         if ro.max_completion_length is not None and ro.max_completion_length < 1:
             raise ConfigError(f"--max-completion-length must be at least 1, got {ro.max_completion_length}")
@@ -352,6 +392,12 @@ class TrainConfig:
             raise ConfigError(f"--tis-cap must be a finite number >= 1, got {rl.tis_cap}")
         if self.task.dataset and self.task.task:
             raise ConfigError("--dataset and --task are exclusive: give one of them")
+        _check_task(self.task)
+        for name in ("log_completions", "eval_steps"):
+            if getattr(run, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(run, name)}")
+        for reporter in run.report_to or ():
+            _choice("--report-to", reporter, REPORTERS)
         _choice("--dtype", self.model.dtype, ("auto", "float32", "bfloat16", "float16"))
         _choice("--attn-implementation", self.model.attn_implementation, ("auto", "sdpa", "eager", "flash_attention_2"))
         _choice("--device", self.model.device, ("auto", "cpu", "cuda"))
@@ -393,6 +439,8 @@ def _coerce(section: str, key: str, value: Any) -> Any:
         return "on" if value else "off"
     if key == "layers":
         return str(value)
+    if kind.startswith("list"):
+        return _coerce_list(key, kind, value)
     try:
         if kind.startswith("bool"):
             if isinstance(value, str):
@@ -409,6 +457,48 @@ def _coerce(section: str, key: str, value: Any) -> Any:
         return str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"setting {key!r} expects {kind.split(' ')[0]}, got {value!r}") from None
+
+
+LIST_COMMA_SPLIT = ("report_to", "reward_weights")  # list settings whose items may also be comma-separated
+REPORTERS = ("none", "tensorboard", "wandb", "trackio")
+
+
+def _coerce_list(key: str, kind: str, value: Any) -> list:
+    """A list setting from a YAML list, a repeated flag or (report_to, reward_weights) comma-separated text."""
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if key in LIST_COMMA_SPLIT:
+        items = [part.strip() for item in items for part in str(item).split(",") if part.strip()]
+    if kind.startswith("list[float]"):
+        try:
+            numbers = [float(item) for item in items]
+        except (TypeError, ValueError):
+            raise ConfigError(f"setting {key!r} expects numbers, got {value!r}") from None
+        if not all(math.isfinite(n) for n in numbers):
+            raise ConfigError(f"setting {key!r} expects finite numbers, got {value!r}")
+        return numbers
+    if any(isinstance(item, (dict, list)) for item in items):
+        raise ConfigError(f"setting {key!r} expects text values, got {value!r}")
+    return [str(item) for item in items]
+
+
+def _check_task(task: TaskConfig) -> None:
+    """Rewards, their weights, the format pattern and the chat-template settings."""
+    if task.reward_weights is not None:
+        n = len(task.reward or []) or 1
+        if len(task.reward_weights) != n:
+            raise ConfigError(f"--reward-weights has {len(task.reward_weights)} weights for {n} reward "
+                              f"function{'s' if n != 1 else ''}: give one weight per --reward")
+    try:
+        re.compile(task.format_pattern)
+    except re.error as exc:
+        raise ConfigError(f"--format-pattern is not a valid regular expression: {exc}") from None
+    if task.chat_template_kwargs is not None:
+        try:
+            kwargs = json.loads(task.chat_template_kwargs)
+        except json.JSONDecodeError:
+            kwargs = None
+        if not isinstance(kwargs, dict):
+            raise ConfigError("--chat-template-kwargs must be a JSON object, e.g. '{\"enable_thinking\": false}'")
 
 
 def _positive(**values: int) -> None:
