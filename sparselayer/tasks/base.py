@@ -2,16 +2,22 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+Message = Mapping[str, str]  # {"role": "system" | "user" | "assistant" | ..., "content": text}
+Prompt = str | Sequence[Message]  # TRL's standard (text) or conversational (a list of messages) prompt
 
 
 @dataclass(frozen=True)
 class Example:
-    """One prompt and the reference answer its completion is judged against."""
+    """One prompt, the reference answer its completion is judged against (None: the task's rewards need
+    none), and every other column of its data row (they reach reward functions as keyword arguments)."""
 
-    prompt: str
-    answer: str
+    prompt: Prompt
+    answer: str | None = None
+    columns: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
 
 class Task(ABC):
