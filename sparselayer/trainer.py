@@ -8,6 +8,7 @@ optimizer step -> push the changed layer to the rollout engine. Every stage live
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ import torch
 from .batch import Rollouts, StepBatch, collate
 from .config import TrainConfig
 from .contributions import resolve_layers
-from .errors import ConfigError
+from .errors import ConfigError, RunError
 from .kernels.patch import resolve_kernels, use_fused_kernels
 from .memory import peak_bytes, reset_peak
 from .metrics import PhaseTimer, step_metrics
@@ -64,6 +65,7 @@ class Trainer:
             self.optimizer, lambda s: min(1.0, (s + 1) / rl.warmup_steps) if rl.warmup_steps else 1.0)
         self.sampler = PromptSampler(len(self.task.train), config.run.seed)
         self.step_count, self.push_bytes = 0, 0
+        self.skipped_steps, self.consecutive_skips = 0, 0  # steps skipped for a non-finite loss or gradient
 
     def step(self) -> dict[str, Any]:
         """One GRPO step on a fresh rollout batch; returns its metrics line."""
@@ -82,16 +84,19 @@ class Trainer:
         if self._old_logp_pass():  # else the first pass's own log-probs are the old policy's
             sb.old_logp = self.policy_logprobs(sb)
         timer.mark("logprob_s")
-        passes = [self.optimize(sb, iteration) for iteration in range(rl.num_iterations)]
+        passes = self.optimize_passes(sb)  # stops at a pass whose loss or gradient norm is not finite
         sb.inputs = None  # the batch is done: free its cached activations before the push
         timer.mark("train_s")
-        self.push_bytes = self.engine.update_weights(self.trained_state().items())
-        self.check_sync()
+        moved = not passes[0]["skipped"]
+        self.push_bytes = self.engine.update_weights(self.trained_state().items()) if moved else 0
+        if moved:
+            self.check_sync()
         timer.mark("push_s")
         self.step_count += 1
+        self.count_skip(passes[-1]["skipped"])  # RunError after --max-consecutive-skips in a row
         return step_metrics(self.step_count, sb, passes, timer.phases, shared_micro_batches=shared,
                             learning_rate=self.scheduler.get_last_lr()[0], push_bytes=self.push_bytes,
-                            peak_mem_bytes=peak_bytes(self.device))
+                            skipped_steps=self.skipped_steps, peak_mem_bytes=peak_bytes(self.device))
 
     # -- the stages, in step order -------------------------------------------------------------------
 
@@ -139,15 +144,42 @@ class Trainer:
         """Log-probs (B x C) under the current policy, without gradient."""
         return self.batch_logprobs(sb, *self._prepared(sb), self.head)
 
-    def optimize(self, sb: StepBatch, iteration: int = 0) -> dict[str, float]:
-        """One pass over the rollout batch: accumulate gradients over micro-batches, clip, one optimizer step."""
+    def optimize_passes(self, sb: StepBatch) -> list[dict[str, Any]]:
+        """--num-iterations optimization passes; a pass that skips (non-finite) ends the step's passes."""
+        passes = []
+        for iteration in range(self.config.rl.num_iterations):
+            passes.append(self.optimize(sb, iteration))
+            if passes[-1]["skipped"]:
+                break
+        return passes
+
+    def optimize(self, sb: StepBatch, iteration: int = 0) -> dict[str, Any]:
+        """One pass over the rollout batch: accumulate gradients over micro-batches, clip, one optimizer step.
+
+        A pass whose loss or gradient norm is not finite is skipped: its gradients are dropped and neither
+        the optimizer nor the learning-rate schedule steps, so one bad batch cannot turn the layer into NaN.
+        """
         self.optimizer.zero_grad(set_to_none=True)
-        stats = self.accumulate_gradients(sb, iteration)
+        stats: dict[str, Any] = self.accumulate_gradients(sb, iteration)
         stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(grad_tensors(self.optimizer),
                                                                    self.config.rl.max_grad_norm))
-        self.optimizer.step()
-        self.scheduler.step()
+        stats["skipped"] = not (math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"]))
+        if stats["skipped"]:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
+            self.scheduler.step()
         return stats
+
+    def count_skip(self, skipped: bool) -> None:
+        """Count a skipped step; --max-consecutive-skips of them in a row stop the run (RunError)."""
+        self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
+        self.skipped_steps += int(skipped)
+        limit = self.config.run.max_consecutive_skips
+        if self.consecutive_skips >= limit:
+            raise RunError(f"stopped at step {self.step_count}: {limit} steps in a row had a non-finite loss or "
+                           "gradient norm and were skipped (try a lower --learning-rate or --max-grad-norm); "
+                           "the last checkpoint is intact")
 
     def accumulate_gradients(self, sb: StepBatch, iteration: int = 0) -> dict[str, float]:
         """Add d(batch loss)/d(trained params) to .grad, one micro-batch at a time (for a bf16/fp16 model,

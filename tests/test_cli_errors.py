@@ -107,6 +107,34 @@ def test_malformed_layers(capsys, tmp_path, tiny_model, spec):
     assert_fragment(line, "--layers", spec, "not a layer list")
 
 
+def _copy_with_config(tiny_model, folder, **changes):
+    import json
+    import shutil
+
+    shutil.copytree(tiny_model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    config.pop("layer_types", None)  # a per-layer list that would otherwise disagree with the new depth
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_config_declaring_layers_the_weights_lack(capsys, tmp_path, tiny_model):
+    """Used to train and evaluate on two randomly initialised layers, silently."""
+    folder = _copy_with_config(tiny_model, tmp_path / "deeper", num_hidden_layers=6)
+    line = run_cli(capsys, train_args(folder, tmp_path / "out", "--layer", "1"))
+    assert_fragment(line, "lack decoder layers 4-5", "config.json")
+    line = run_cli(capsys, ["eval", folder, "--num-eval", "2", "--k", "0"])
+    assert_fragment(line, "lack decoder layers 4-5")
+
+
+def test_weights_whose_shapes_differ_from_config(capsys, tmp_path, tiny_model):
+    folder = _copy_with_config(tiny_model, tmp_path / "wider", intermediate_size=72)
+    line = run_cli(capsys, train_args(folder, tmp_path / "out", "--layer", "1"))
+    assert_fragment(line, "has shape", "config.json implies")
+    assert "Traceback" not in line and "report" not in line
+
+
 def test_layer_and_layers_together(capsys, tmp_path, tiny_model):
     line = run_cli(capsys, train_args(tiny_model, tmp_path / "out", "--layer", "1", "--layers", "2"))
     assert_fragment(line, "--layer and --layers conflict")

@@ -87,14 +87,44 @@ def load_model(path: str | Path | None, dtype: str = "auto", device: str = "auto
     dev = resolve_device(device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, padding_side="left")
-        model = AutoModelForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(
             folder, local_files_only=True, dtype=resolve_dtype(dtype, dev),
-            attn_implementation=resolve_attn(attn_implementation, dev))
+            attn_implementation=resolve_attn(attn_implementation, dev), output_loading_info=True,
+            ignore_mismatched_sizes=True)  # reported by check_weights_cover, one line
     except Exception as exc:  # corrupt weights, shape mismatches, tokenizer errors: all input problems here
-        raise ModelError(f"could not load model from {folder}: {str(exc).splitlines()[0]}") from None
+        raise ModelError(f"could not load model from {folder}: {_first_line(exc)}") from None
+    check_weights_cover(folder, info)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(dev).eval(), tokenizer
+
+
+def check_weights_cover(folder: Path, info: dict[str, list]) -> None:
+    """ModelError when the weights do not cover what config.json declares: transformers would otherwise
+    initialise the missing tensors (a layer config.json declares but the weights lack) at random, silently."""
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    if mismatched:
+        name, found, wanted = mismatched[0][:3]
+        raise ModelError(f"{folder}: weight {name} has shape {tuple(found)} but config.json implies {tuple(wanted)}")
+    if missing:
+        layers = sorted({int(m[1]) for name in missing if (m := re.search(r"\.layers\.(\d+)\.", name))})
+        what = (f"decoder layer{'s' if len(layers) > 1 else ''} {_span(layers)}" if layers else
+                f"{len(missing)} tensor{'s' if len(missing) > 1 else ''} ({missing[0]}, ...)")
+        raise ModelError(f"{folder}: the weights lack {what} that config.json declares "
+                         f"({len(missing)} missing tensors; nothing is initialised at random)")
+
+
+def _span(layers: list[int]) -> str:
+    """'4-5' for consecutive layer indices, else '2,7'."""
+    if layers == list(range(layers[0], layers[-1] + 1)) and len(layers) > 1:
+        return f"{layers[0]}-{layers[-1]}"
+    return ",".join(map(str, layers))
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's first non-empty message line (errors stay one line)."""
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
