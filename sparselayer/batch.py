@@ -6,7 +6,7 @@ record the GRPO step fills stage by stage, each field where it is computed).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -76,7 +76,8 @@ def _pad_logprobs(rows: list[list[float]] | None, width: int, device: torch.devi
 class StepBatch:
     """One rollout batch on its way through the GRPO step. Who sets what, in step order:
 
-    score: batch, rewards, correct, advantages, micro_batches, weights;
+    score: batch, rewards (the weighted sum), function_rewards, correct, advantages, micro_batches, weights,
+    prompts and completions (the text each row was sampled from and sampled; for --log-completions);
     attach_prefix (the forward's `prepare`): inputs, set to None again when the step is done with them
     (without inputs the passes run plain full forwards);
     the reference pass: ref_logp (beta > 0);
@@ -93,3 +94,7 @@ class StepBatch:
     inputs: Any = None  # a model.forward.PreparedBatch (cached prefix entries or sub-batches); None once freed
     ref_logp: torch.Tensor | None = None  # B x C, under the reference policy
     old_logp: torch.Tensor | None = None  # B x C, under the policy that sampled (before this step's updates)
+    # each reward function's value per completion, by metrics name (None: not applicable to that completion)
+    function_rewards: dict[str, list[float | None]] = field(default_factory=dict)
+    prompts: list[Any] = field(default_factory=list)  # each row's prompt: text, or a conversation (list of messages)
+    completions: list[str] = field(default_factory=list)  # each row's completion, decoded

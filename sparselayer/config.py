@@ -131,7 +131,7 @@ class TaskConfig:
             replaces --task
         dataset_split: split of a dataset folder or file to train on (unset: train, else the only split)
         eval_dataset: held-out rows from another file or folder (same formats as --dataset)
-        reward: reward function(s), repeatable: a built-in (accuracy: math answer checking; format: the completion
+        reward: one or more reward functions: a built-in (accuracy: math answer checking; format: the completion
             matches --format-pattern) or module:function / path/to/file.py:function, which runs that code, in
             TRL's convention: fn(prompts=[...], completions=[...], completion_ids=[...], **columns) -> list of
             float or None (None: not applicable); unset: the task's own correctness reward
@@ -279,7 +279,7 @@ class RunConfig:
         progress: show a progress bar of the steps
         max_consecutive_skips: a step whose loss or gradient norm is not finite is skipped (no optimizer step, no
             push; counted as skipped_steps in metrics.jsonl); this many skips in a row stop the run
-        report_to: where metrics also go, repeatable or comma-separated: none | tensorboard | wandb | trackio (the
+        report_to: where metrics also go, one or more (or comma-separated): none | tensorboard | wandb | trackio (the
             same keys as metrics.jsonl; wandb honours WANDB_MODE=offline)
         log_completions: every N steps, a few prompts with their completions and rewards go to completions.jsonl in
             the run directory and to the loggers as a table (0: never)
@@ -339,8 +339,11 @@ class TrainConfig:
         return cls.from_mapping(data, base)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        """Sectioned plain-data form, as written to the run directory."""
-        return dataclasses.asdict(self)
+        """Sectioned plain-data form, as written to the run directory (a reward callable as module:name)."""
+        data = dataclasses.asdict(self)
+        if data["task"]["reward"]:
+            data["task"]["reward"] = [_spec_of(r) for r in data["task"]["reward"]]
+        return data
 
     def validate(self) -> TrainConfig:
         """Check every setting and combination; raise ConfigError with one line on the first problem."""
@@ -478,6 +481,8 @@ def _coerce_list(key: str, kind: str, value: Any) -> list:
         return numbers
     if any(isinstance(item, (dict, list)) for item in items):
         raise ConfigError(f"setting {key!r} expects text values, got {value!r}")
+    if key == "reward":  # in Python, reward functions may be callables as well as names/specs
+        return [item if callable(item) else str(item) for item in items]
     return [str(item) for item in items]
 
 
@@ -499,6 +504,13 @@ def _check_task(task: TaskConfig) -> None:
             kwargs = None
         if not isinstance(kwargs, dict):
             raise ConfigError("--chat-template-kwargs must be a JSON object, e.g. '{\"enable_thinking\": false}'")
+
+
+def _spec_of(reward: Any) -> str:
+    """A reward as text: a callable as module:qualified_name (what --reward would load), else itself."""
+    if not callable(reward):
+        return str(reward)
+    return f"{getattr(reward, '__module__', '?')}:{getattr(reward, '__qualname__', type(reward).__name__)}"
 
 
 def _positive(**values: int) -> None:

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import math
+import statistics
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .batch import StepBatch
@@ -31,6 +33,7 @@ def step_metrics(step: int, sb: StepBatch, passes: list[dict[str, float]], phase
         "step": step,
         "reward_mean": float(sb.rewards.mean()),
         "reward_std": float(sb.rewards.std()),
+        **reward_function_metrics(sb.function_rewards),
         "accuracy": float(sb.correct.mean()),
         "loss": sum(p["loss"] for p in passes) / len(passes),
         "kl": passes[0]["kl"],
@@ -42,3 +45,25 @@ def step_metrics(step: int, sb: StepBatch, passes: list[dict[str, float]], phase
         "tokens_per_s": tokens / step_time if step_time > 0 else math.nan,
         **extra,
     }
+
+
+def reward_function_metrics(function_rewards: Mapping[str, Sequence[float | None]]) -> dict[str, float]:
+    """rewards/<name>/mean and rewards/<name>/std of each reward function (as TRL logs them) over the
+    completions it applied to (not None); the sample std, NaN below two values, the mean NaN with none."""
+    out = {}
+    for name, values in function_rewards.items():
+        scored = [float(v) for v in values if v is not None]
+        out[f"rewards/{name}/mean"] = statistics.fmean(scored) if scored else math.nan
+        out[f"rewards/{name}/std"] = statistics.stdev(scored) if len(scored) > 1 else math.nan
+    return out
+
+
+def completion_rows(sb: StepBatch, step: int, prompts: int, num_generations: int) -> list[dict[str, Any]]:
+    """Every completion of the step's first `prompts` prompts (their GRPO groups), with reward, advantage and
+    each reward function's value: the rows --log-completions writes to completions.jsonl and the loggers."""
+    rows = []
+    for i in range(min(len(sb.completions), prompts * num_generations)):
+        rows.append({"step": step, "prompt": sb.prompts[i], "completion": sb.completions[i],
+                     "reward": float(sb.rewards[i]), "advantage": float(sb.advantages[i]),
+                     **{f"rewards/{name}": values[i] for name, values in sb.function_rewards.items()}})
+    return rows

@@ -31,7 +31,8 @@ from .rollout import build_engine
 from .rollout.base import RolloutEngine
 from .sizes import parse_size
 from .sync.check import TOLERANCE, check_sync, sync_sequence
-from .tasks import Example, Task, build_task
+from .tasks import Example, RewardBatch, Task, reward_set_of, task_from_config
+from .tasks.chat import PromptRenderer, fit_to_context
 from .tasks.sampler import PromptSampler
 
 
@@ -41,9 +42,15 @@ class Trainer:
     def __init__(self, config: TrainConfig, task: Task | None = None, engine: RolloutEngine | None = None):
         self.config = config.validate()
         m, rl = config.model, config.rl
-        self.task = task or build_task(config.task.task, config.task.dataset, config.task.reward)
+        self.task = task_from_config(config.task, task)
         self.model, self.tokenizer = load_model(m.model, m.dtype, m.device, m.attn_implementation)
         self.device = next(self.model.parameters()).device
+        self.max_completion_length = config.rollout.max_completion_length or self.task.suggested_max_completion_length
+        # every prompt rendered to token ids once (chat template, system prompt) and checked against the context
+        self.renderer = PromptRenderer.from_config(self.tokenizer, config.task)
+        context = config.rollout.max_model_len or getattr(self.model.config, "max_position_embeddings", None)
+        self.task = fit_to_context(self.task, self.renderer, context, self.max_completion_length,
+                                   config.task.drop_long_prompts)
         self.layers = resolve_layers(m.layers, len(decoder_layers(self.model)), m.layer_ranking)
         self.trained = freeze_except(self.model, self.layers)
         self.quant = resolve_quant(m.quant, self.device, self.layers)  # frozen decoder layers via bitsandbytes
@@ -56,16 +63,16 @@ class Trainer:
         self.reference = None if rl.beta == 0 else (
             frozen_copy(self.model) if rl.reference == "copy" else initial_values(self.trained))
         self.engine = engine or build_engine(config.rollout, m.model, self.model, self.tokenizer, config.run.seed)
-        self.sync_ids = sync_sequence(self.tokenizer, self.task) if config.rollout.check_sync else None
+        self.sync_ids = sync_sequence(self.tokenizer, self.task, self.renderer) if config.rollout.check_sync else None
         if self.sync_ids is not None and self.quant != "none":
             raise ConfigError("--check-sync compares with the trainer's unquantized forward: use --quant none")
-        self.max_completion_length = config.rollout.max_completion_length or self.task.suggested_max_completion_length
         self.optimizer = build_optimizer(self.param_groups(), rl.optim, rl.learning_rate, rl.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / rl.warmup_steps) if rl.warmup_steps else 1.0)
         self.sampler = PromptSampler(len(self.task.train), config.run.seed)
         self.step_count, self.push_bytes = 0, 0
         self.skipped_steps, self.consecutive_skips = 0, 0  # steps skipped for a non-finite loss or gradient
+        self.last_batch: StepBatch | None = None  # the latest step's batch (its inputs freed): --log-completions
 
     def step(self) -> dict[str, Any]:
         """One GRPO step on a fresh rollout batch; returns its metrics line."""
@@ -75,7 +82,7 @@ class Trainer:
         examples = self.next_examples()
         rollouts = self.generate(examples)  # sample
         timer.mark("rollout_s")
-        sb = self.score(rollouts, examples)  # rewards, advantages, micro-batches, token weights
+        sb = self.last_batch = self.score(rollouts, examples)  # rewards, advantages, micro-batches, token weights
         timer.mark("reward_s")
         self.attach_prefix(sb)  # the frozen prefix, once for the whole batch
         shared = sb.inputs.shared
@@ -108,20 +115,24 @@ class Trainer:
     def generate(self, examples: list[Example]) -> Rollouts:
         """Completions for this step's prompts, seeded by (seed, step) so a resumed run samples the same."""
         rl, ro = self.config.rl, self.config.rollout
-        return self.engine.generate([e.prompt for e in examples], rl.num_generations, self.max_completion_length,
+        prompts = self.renderer.token_ids(examples)  # rendered once (chat template): every engine samples these ids
+        return self.engine.generate(prompts, rl.num_generations, self.max_completion_length,
                                     ro.temperature, ro.top_p, seed=self.config.run.seed * 1_000_003 + self.step_count)
 
     def score(self, rollouts: Rollouts, examples: list[Example]) -> StepBatch:
-        """Rewards and correctness of the completions, their group advantages, micro-batches and token weights."""
+        """Rewards (each reward function's, in TRL's convention, and their weighted sum) and correctness of the
+        completions, their group advantages, micro-batches and token weights."""
         rl, n = self.config.rl, self.config.rl.num_generations
         texts = self.tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
         per_row = [e for e in examples for _ in range(n)]
-        rewards = torch.tensor(self.task.rewards(texts, per_row), dtype=torch.float32)
+        scores = reward_set_of(self.task).score(RewardBatch(per_row, texts, rollouts.completion_ids))
+        rewards = torch.tensor(scores.total, dtype=torch.float32)
         correct = torch.tensor([self.task.is_correct(t, e) for t, e in zip(texts, per_row)], dtype=torch.float32)
         batch = collate(rollouts, self.tokenizer.pad_token_id, self.device)
         micro = self.forward.pack(batch, n, rl.micro_batch_size)
         return StepBatch(batch, rewards, correct, group_advantages(rewards, n, rl.scale_rewards).to(self.device),
-                         micro, token_weights(batch.completion_mask, rl.loss_type, self.max_completion_length, micro))
+                         micro, token_weights(batch.completion_mask, rl.loss_type, self.max_completion_length, micro),
+                         function_rewards=scores.per_function, prompts=[e.prompt for e in per_row], completions=texts)
 
     def attach_prefix(self, sb: StepBatch) -> PreparedBatch:
         """Prepare every micro-batch once for all passes (the cached frozen prefix, or plain sub-batches)."""

@@ -1,4 +1,5 @@
-"""User reward functions: loading by module or file path, batched calls, and one-line RewardErrors."""
+"""User reward functions: loading by module or file path, batched calls, and one-line RewardErrors (the
+single-function API of before: wrap_task_with_reward, RewardFunctionTask, load_reward_function)."""
 from __future__ import annotations
 
 import sys
@@ -172,7 +173,6 @@ def test_attribute_not_callable(reward_file: Path) -> None:
     [
         ("raises", "raised ValueError: bad completion"),
         ("too_few", "returned 1 values for 2 completions"),
-        ("gives_none", "returned None at index 1"),
         ("gives_text", "non-numeric value 'high' at index 1"),
         ("gives_nan", "non-finite value nan at index 1"),
         ("gives_inf", "non-finite value inf at index 0"),
@@ -185,3 +185,31 @@ def test_bad_function_behaviour(reward_file: Path, function: str, fragment: str)
     message = reward_error(task.rewards, ["2", "3"], list(task.train))
     assert fragment in message
     assert spec in message
+
+
+def test_none_means_not_applicable_and_counts_as_zero_alone(reward_file: Path, capsys) -> None:
+    """TRL's convention: None is "not applicable"; with one function, such a completion's reward is 0 (nansum)."""
+    task = wrap_task_with_reward(TinyTask(), f"{reward_file}:gives_none")
+    assert task.rewards(["2", "3"], list(task.train)) == [1.0, 0.0]
+    assert "returned None for 1 of 2 completions" in capsys.readouterr().err
+
+
+def test_function_gets_completion_ids_and_columns(tmp_path: Path) -> None:
+    path = tmp_path / "seen.py"
+    path.write_text("seen = {}\ndef record(prompts, completions, **kwargs):\n    seen.update(kwargs)\n"
+                    "    return [0.0] * len(completions)\n")
+    task = wrap_task_with_reward(TinyTask(), f"{path}:record")
+    examples = [Example("ab", "2", {"level": 1}), Example("abc", None, {"level": 2, "tag": "x"})]
+    task.rewards(["2", "3"], examples)
+    seen = sys.modules[task.fn.__module__].seen
+    assert seen == {"completion_ids": [None, None], "level": [1, 2], "tag": [None, "x"], "answer": ["2", None]}
+
+
+@pytest.mark.parametrize("body, fragment", [("import sys; sys.exit(0)", "exited (SystemExit(0)"),
+                                            ("raise SystemExit", "exited (SystemExit,")])
+def test_exit_in_reward_function_is_a_reward_error(tmp_path: Path, body: str, fragment: str) -> None:
+    path = tmp_path / "quits.py"
+    path.write_text(f"def quit_early(prompts, completions, **kwargs):\n    {body}\n")
+    task = wrap_task_with_reward(TinyTask(), f"{path}:quit_early")
+    message = reward_error(task.rewards, ["2", "3"], list(task.train))
+    assert fragment in message and "quits.py:quit_early" in message

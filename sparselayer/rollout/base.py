@@ -2,7 +2,10 @@
 
 Engines (transformers' generate, in-process vLLM, a remote `sparselayer serve`) return token ids
 only (`sparselayer.batch.Rollouts`); the trainer turns them into padded tensors with
-`sparselayer.batch.collate`, so every engine feeds the same training step.
+`sparselayer.batch.collate`, so every engine feeds the same training step. Prompts arrive as token-id
+lists (the trainer renders every prompt once, chat template included, so that every engine samples
+from the same tokens) or as text, which an engine tokenizes without special tokens
+(`prompt_token_ids`).
 """
 from __future__ import annotations
 
@@ -13,16 +16,25 @@ import torch
 
 from ..batch import Batch, Rollouts, collate  # Batch, collate: re-exported for code written against this module
 
-__all__ = ["Batch", "RolloutEngine", "Rollouts", "collate"]
+__all__ = ["Batch", "EnginePrompt", "RolloutEngine", "Rollouts", "collate", "prompt_token_ids"]
+
+EnginePrompt = str | Sequence[int]  # text (tokenized by the engine) or token ids (used as they are)
+
+
+def prompt_token_ids(tokenizer, prompts: Sequence[EnginePrompt]) -> list[list[int]]:
+    """Each prompt's token ids: a token-id list as it is, text through the tokenizer without special tokens."""
+    return [tokenizer(p, add_special_tokens=False)["input_ids"] if isinstance(p, str) else [int(t) for t in p]
+            for p in prompts]
 
 
 class RolloutEngine(ABC):
     """What the trainer needs from a generator of completions."""
 
     @abstractmethod
-    def generate(self, prompts: Sequence[str], num_generations: int, max_new_tokens: int,
+    def generate(self, prompts: Sequence[EnginePrompt], num_generations: int, max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, greedy: bool = False) -> Rollouts:
-        """Sample `num_generations` completions per prompt (greedy: argmax decoding)."""
+        """Sample `num_generations` completions per prompt (greedy: argmax decoding); a prompt is text or token
+        ids (`prompt_token_ids`), and Rollouts.prompt_ids holds the ids each row was sampled from."""
 
     @abstractmethod
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:

@@ -5,7 +5,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from .base import RolloutEngine, Rollouts
+from .base import EnginePrompt, RolloutEngine, Rollouts, prompt_token_ids
 
 
 class HFRolloutEngine(RolloutEngine):
@@ -15,10 +15,10 @@ class HFRolloutEngine(RolloutEngine):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], num_generations: int, max_new_tokens: int,
+    def generate(self, prompts: Sequence[EnginePrompt], num_generations: int, max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, greedy: bool = False) -> Rollouts:
-        tok = self.tokenizer
-        prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        """Sample with transformers' generate, in chunks of `batch_size` rows; prompts are text or token ids."""
+        prompt_ids = prompt_token_ids(self.tokenizer, prompts)
         rows = [ids for ids in prompt_ids for _ in range(num_generations)]
         torch.manual_seed(seed)
         completions: list[list[int]] = []

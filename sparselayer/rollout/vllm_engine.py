@@ -20,7 +20,7 @@ from ..errors import ConfigError
 from ..sync.changes import ChangeTracker
 from ..sync.vllm_layout import ServingPlan, head_dim_of, plan_serving, write_padded_model
 from ..sync.vllm_push import LAYER_RE, load_scoped, owning_modules, reload_full
-from .base import RolloutEngine, Rollouts
+from .base import EnginePrompt, RolloutEngine, Rollouts, prompt_token_ids
 from .hf import cut_at_eos
 
 CPU_KV_TOKENS = 32768  # KV-cache size on CPU, in tokens (vLLM's memory fraction means host RAM there)
@@ -87,11 +87,12 @@ class VLLMRolloutEngine(RolloutEngine):
         kv_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
         return 2 * config["num_hidden_layers"] * kv_heads * head * torch.finfo(self.dtype).bits // 8
 
-    def generate(self, prompts: Sequence[str], num_generations: int, max_new_tokens: int,
+    def generate(self, prompts: Sequence[EnginePrompt], num_generations: int, max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, greedy: bool = False) -> Rollouts:
+        """Sample with vLLM from token-id prompts (text prompts are tokenized here, without special tokens)."""
         from vllm import SamplingParams
 
-        ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        ids = prompt_token_ids(self.tokenizer, prompts)
         n = 1 if greedy else num_generations  # vLLM samples greedily once; the copies are identical
         params = [SamplingParams(n=n, max_tokens=max_new_tokens, seed=seed * 100_003 + i,
                                  temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,

@@ -11,15 +11,24 @@ from torch import nn
 from ..errors import SyncError
 from ..model.logprobs import plain_head_logprobs
 from ..tasks import Task
+from ..tasks.chat import PromptRenderer
 
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.1, torch.float16: 0.02}
 SYNC_TOKENS = 32  # length cap of the fixed sequence
 
 
-def sync_sequence(tokenizer, task: Task) -> list[int]:
-    """A fixed token sequence: the first training prompt followed by its reference answer."""
+def sync_sequence(tokenizer, task: Task, renderer: PromptRenderer | None = None) -> list[int]:
+    """A fixed token sequence: the first training prompt as the engines see it (rendered by `renderer`, else
+    the text tokenized), followed by its reference answer when it has one."""
     example = task.train[0]
-    return tokenizer(example.prompt + example.answer, add_special_tokens=False)["input_ids"][:SYNC_TOKENS]
+    if renderer is not None:
+        prompt = renderer.token_ids([example])[0]
+    elif isinstance(example.prompt, str):
+        prompt = tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
+    else:
+        raise TypeError("a conversation prompt needs the renderer that turns it into token ids")
+    answer = tokenizer(example.answer, add_special_tokens=False)["input_ids"] if example.answer else []
+    return (list(prompt) + answer)[:SYNC_TOKENS]
 
 
 @torch.no_grad()

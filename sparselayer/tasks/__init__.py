@@ -1,28 +1,54 @@
 """Tasks: prompts, reference answers and rewards. `build_task` turns settings into a Task."""
 from __future__ import annotations
 
+from typing import Any
+
+from ..config import TaskConfig
 from ..errors import ConfigError
 from .arithmetic import ArithmeticTask
 from .base import Example, Task
+from .rewards import DEFAULT_FORMAT_PATTERN, RewardBatch, RewardedTask, RewardFunction, RewardSet, reward_set_of
+from .user_reward import RewardItem, with_rewards
 
 BUILTIN_TASKS = {"arithmetic": ArithmeticTask}
+DatasetSource = Any  # a data file or folder path, a datasets.Dataset or DatasetDict, a list of dicts, or None
 
 
-def build_task(task: str | None = None, dataset: str | None = None, reward: str | list[str] | None = None) -> Task:
-    """The built-in task `task`, or a prompt/answer file `dataset`, optionally scored by a user reward."""
-    from .user_reward import wrap_task_with_reward
+def _given(dataset: DatasetSource) -> bool:
+    """Whether a dataset setting is given (None and blank text are not)."""
+    return dataset is not None and not (isinstance(dataset, str) and not dataset.strip())
 
-    if dataset:
-        from .dataset import load_dataset_task
 
-        base = load_dataset_task(dataset)
+def build_task(task: str | None = None, dataset: DatasetSource = None,
+               reward: RewardItem | list[RewardItem] | None = None, reward_weights: list[float] | None = None,
+               format_pattern: str = DEFAULT_FORMAT_PATTERN, *, dataset_split: str | None = None,
+               eval_dataset: DatasetSource = None) -> Task:
+    """The built-in task `task`, or a prompt/answer file `dataset`, scored by its own reward or by the weighted
+    sum of `reward` (built-in names, "module:function" specs, which run that code, or callables).
+
+    `dataset`: a JSONL/Parquet/CSV file or save_to_disk folder, a datasets.Dataset or DatasetDict, or a list of
+    dicts; `dataset_split` the split to train on, `eval_dataset` held-out rows from another such source."""
+    if _given(dataset):
+        from .dataset import dataset_task
+
+        base = dataset_task(dataset, split=dataset_split, eval_data=eval_dataset if _given(eval_dataset) else None)
+    elif dataset_split is not None or _given(eval_dataset):
+        raise ConfigError("--dataset-split and --eval-dataset go with --dataset (a built-in task has its own splits)")
     elif (task or "arithmetic") in BUILTIN_TASKS:
         base = BUILTIN_TASKS[task or "arithmetic"]()
     else:
         raise ConfigError(f"unknown task {task!r}: built-in tasks are {', '.join(BUILTIN_TASKS)}")
-    if isinstance(reward, list):  # interim: one user function until several are combined
-        reward = reward[0] if reward else None
-    return wrap_task_with_reward(base, reward)
+    return with_rewards(base, reward or None, reward_weights, format_pattern)
 
 
-__all__ = ["ArithmeticTask", "BUILTIN_TASKS", "Example", "Task", "build_task"]
+def task_from_config(t: TaskConfig, task: Task | None = None) -> Task:
+    """The task of the settings (built-in task or dataset), or `task` when given, scored by --reward (with
+    --reward-weights); a task passed in must then carry no rewards of its own."""
+    if task is not None:
+        return with_rewards(task, t.reward, t.reward_weights, t.format_pattern)
+    return build_task(t.task, t.dataset, reward=t.reward, reward_weights=t.reward_weights,
+                      format_pattern=t.format_pattern, dataset_split=t.dataset_split, eval_dataset=t.eval_dataset)
+
+
+__all__ = ["ArithmeticTask", "BUILTIN_TASKS", "Example", "RewardBatch", "RewardFunction", "RewardSet", "RewardedTask",
+           "Task", "build_task", "reward_set_of", "task_from_config", "with_rewards"]

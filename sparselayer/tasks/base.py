@@ -13,11 +13,17 @@ Prompt = str | Sequence[Message]  # TRL's standard (text) or conversational (a l
 @dataclass(frozen=True)
 class Example:
     """One prompt, the reference answer its completion is judged against (None: the task's rewards need
-    none), and every other column of its data row (they reach reward functions as keyword arguments)."""
+    none), and every other column of its data row (they reach reward functions as keyword arguments).
+
+    `source` says where the row came from ("train.jsonl line 12"), so that an error found later (a
+    prompt too long for the model's context, a chat template that fails on it) can name the row;
+    empty for prompts made in code.
+    """
 
     prompt: Prompt
     answer: str | None = None
     columns: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    source: str = field(default="", compare=False, repr=False)
 
 
 class Task(ABC):

@@ -1,48 +1,44 @@
-"""User reward functions in TRL's convention, loaded from "module:function" or "file.py:function".
+"""User reward functions: loaded from "module:function" or "file.py:function", or given as callables.
 
-The function is called once per batch as fn(prompts=..., completions=..., answer=...) and must
-return one finite number per completion; anything else is a one-line RewardError naming the spec.
+`resolve_rewards` turns --reward values (built-in names, specs) and Python callables into
+`RewardFunction`s, and `with_rewards` puts them, weighted, on a task (sparselayer.tasks.rewards calls
+them in TRL's convention). A spec that cannot be loaded is a one-line RewardError naming it.
+`wrap_task_with_reward` and `RewardFunctionTask` are the single-function form of before.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib
 import importlib.util
-import math
 import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sparselayer.errors import RewardError
-from sparselayer.tasks.base import Example, Task
+from sparselayer.errors import ConfigError
+from sparselayer.tasks.base import Task
+from sparselayer.tasks.rewards import (
+    BUILTIN_REWARDS,
+    DEFAULT_FORMAT_PATTERN,
+    RewardedTask,
+    RewardFunction,
+    RewardSet,
+    builtin_reward,
+    describe,
+    reward_error,
+    task_reward,
+)
 
 _ATTRIBUTE = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
 _SPEC_HELP = "expected 'module:function' or 'path/to/file.py:function'"
-
-
-def _first_line(text: Any) -> str:
-    """First non-empty line of a message, so errors stay one line."""
-    return next((line.strip() for line in str(text).splitlines() if line.strip()), "")
-
-
-def _describe(exc: BaseException) -> str:
-    """An exception as "Type: first line of its message" (just the type when it has no message)."""
-    message = _first_line(exc)
-    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-
-
-def _error(spec: str, detail: str) -> RewardError:
-    """A one-line RewardError naming the reward spec."""
-    return RewardError(f"reward function '{_first_line(spec)}': {detail}")
 
 
 def _split_spec(spec: str) -> tuple[str, str]:
     """(module or file, attribute path) of a spec; the last ':' separates them (Windows drives keep theirs)."""
     source, sep, attribute = spec.strip().rpartition(":")
     if not sep or not source.strip() or not _ATTRIBUTE.fullmatch(attribute.strip()):
-        raise _error(spec, _SPEC_HELP)
+        raise reward_error(spec, _SPEC_HELP)
     return source.strip(), attribute.strip()
 
 
@@ -55,20 +51,20 @@ def _import_file(spec: str, source: str) -> Any:
     """Import a Python file by path under a private module name derived from its location."""
     path = Path(source).expanduser()
     if not path.is_file():
-        raise _error(spec, f"file not found: {path}")
+        raise reward_error(spec, f"file not found: {path}")
     digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
     stem = re.sub(r"\W", "_", path.stem)
     name = f"_sparselayer_reward_{stem}_{digest}"
     module_spec = importlib.util.spec_from_file_location(name, path)
     if module_spec is None or module_spec.loader is None:
-        raise _error(spec, f"cannot import {path} as a Python file")
+        raise reward_error(spec, f"cannot import {path} as a Python file")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module  # dataclasses and pickling look modules up here
     try:
         module_spec.loader.exec_module(module)
     except (Exception, SystemExit) as e:
         sys.modules.pop(name, None)
-        raise _error(spec, f"importing {path} failed: {_describe(e)}") from None
+        raise reward_error(spec, f"importing {path} failed: {describe(e)}") from None
     return module
 
 
@@ -78,10 +74,10 @@ def _import_module(spec: str, source: str) -> Any:
         return importlib.import_module(source)
     except ModuleNotFoundError as e:
         if e.name and (source == e.name or source.startswith(e.name + ".")):
-            raise _error(spec, f"module '{source}' not found") from None
-        raise _error(spec, f"importing module '{source}' failed: {_describe(e)}") from None
+            raise reward_error(spec, f"module '{source}' not found") from None
+        raise reward_error(spec, f"importing module '{source}' failed: {describe(e)}") from None
     except (Exception, SystemExit) as e:
-        raise _error(spec, f"importing module '{source}' failed: {_describe(e)}") from None
+        raise reward_error(spec, f"importing module '{source}' failed: {describe(e)}") from None
 
 
 def _resolve(spec: str, module: Any, attribute: str) -> Callable:
@@ -89,10 +85,10 @@ def _resolve(spec: str, module: Any, attribute: str) -> Callable:
     target = module
     for part in attribute.split("."):
         if not hasattr(target, part):
-            raise _error(spec, f"'{getattr(module, '__name__', module)}' has no attribute '{attribute}'")
+            raise reward_error(spec, f"'{getattr(module, '__name__', module)}' has no attribute '{attribute}'")
         target = getattr(target, part)
     if not callable(target):
-        raise _error(spec, f"'{attribute}' is a {type(target).__name__}, not a function")
+        raise reward_error(spec, f"'{attribute}' is a {type(target).__name__}, not a function")
     return target
 
 
@@ -103,74 +99,56 @@ def load_reward_function(spec: str) -> Callable:
     return _resolve(spec, module, attribute)
 
 
-def _as_reward(spec: str, value: Any, index: int) -> float:
-    """One returned value as a finite float; None counts as NaN and is rejected like it."""
-    if value is None:
-        raise _error(spec, f"returned None at index {index} (None counts as NaN; return a number)")
-    if isinstance(value, (str, bytes)):
-        raise _error(spec, f"returned a non-numeric value {_first_line(repr(value))[:60]} at index {index}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise _error(spec, f"returned a non-numeric {type(value).__name__} at index {index}") from None
-    if not math.isfinite(number):
-        raise _error(spec, f"returned a non-finite value {number} at index {index}")
-    return number
+RewardItem = str | Callable[..., Any] | RewardFunction  # a built-in name, a spec, a callable, or ready-made
 
 
-def _as_rewards(spec: str, result: Any, expected: int) -> list[float]:
-    """The function's result as a list of exactly `expected` finite floats."""
-    if isinstance(result, (str, bytes, dict)) or not hasattr(result, "__iter__"):
-        raise _error(spec, f"returned {type(result).__name__}, expected a list of {expected} numbers")
-    values = list(result)
-    if len(values) != expected:
-        raise _error(spec, f"returned {len(values)} values for {expected} completions")
-    return [_as_reward(spec, value, i) for i, value in enumerate(values)]
+def resolve_reward(item: RewardItem, task: Task | None = None, format_pattern: str = DEFAULT_FORMAT_PATTERN
+                   ) -> RewardFunction:
+    """One reward: a built-in by name (accuracy, format), a "module:function" / "file.py:function" spec
+    (imported: this runs that code), a callable in TRL's convention, or a RewardFunction as it is."""
+    if isinstance(item, RewardFunction):
+        return item
+    if isinstance(item, str):
+        name = item.strip()
+        if name in BUILTIN_REWARDS:
+            return builtin_reward(name, task, format_pattern)
+        if ":" not in name:
+            raise reward_error(item, f"not a built-in reward ({', '.join(BUILTIN_REWARDS)}); {_SPEC_HELP}")
+        fn = load_reward_function(name)
+        return RewardFunction(getattr(fn, "__name__", None) or name.rpartition(":")[2], fn, name)
+    if callable(item):
+        return RewardFunction.of(item)
+    raise ConfigError(f"a reward must be a built-in name, 'module:function' or a callable, got {type(item).__name__}")
 
 
-class RewardFunctionTask(Task):
-    """A task whose rewards come from a user function; data and accuracy stay the base task's."""
+def resolve_rewards(items: Sequence[RewardItem], task: Task | None = None,
+                    format_pattern: str = DEFAULT_FORMAT_PATTERN) -> list[RewardFunction]:
+    """Every reward of a --reward list (or a Python list mixing names, specs and callables), in order."""
+    if isinstance(items, (str, RewardFunction)) or callable(items):
+        items = [items]
+    return [resolve_reward(item, task, format_pattern) for item in items]
+
+
+def with_rewards(task: Task, rewards: RewardItem | Sequence[RewardItem] | None = None,
+                 weights: Sequence[float] | None = None, format_pattern: str = DEFAULT_FORMAT_PATTERN) -> Task:
+    """`task` scored by the weighted sum of `rewards` (unset: its own reward, as `task`, weighted); the task
+    itself when neither is given. Accuracy (is_correct) and the data stay the task's."""
+    if rewards is None and weights is None:
+        return task
+    if isinstance(task, RewardedTask):
+        raise ConfigError("the task already has reward functions: give rewards either with the task or in the "
+                          "settings (--reward), not both")
+    functions = resolve_rewards(rewards, task, format_pattern) if rewards else [task_reward(task)]
+    return RewardedTask(task, RewardSet(functions, weights))
+
+
+class RewardFunctionTask(RewardedTask):
+    """A task whose rewards come from one user function (`fn`, named by `spec`); kept for callers of before."""
 
     def __init__(self, base: Task, fn: Callable, spec: str) -> None:
-        self.base = base
+        super().__init__(base, RewardSet([RewardFunction(getattr(fn, "__name__", None) or spec, fn, spec)]))
         self.fn = fn
         self.spec = spec
-        self.name = base.name
-        self.suggested_max_completion_length = base.suggested_max_completion_length
-
-    @property
-    def train(self) -> Sequence[Example]:
-        """The base task's training prompts."""
-        return self.base.train
-
-    @property
-    def test(self) -> Sequence[Example]:
-        """The base task's held-out prompts."""
-        return self.base.test
-
-    def is_correct(self, completion: str, example: Example) -> bool:
-        """Accuracy as the base task defines it (the user reward only shapes training)."""
-        return self.base.is_correct(completion, example)
-
-    def reward(self, completion: str, example: Example) -> float:
-        """The user function's reward of a single completion."""
-        return self.rewards([completion], [example])[0]
-
-    def rewards(self, completions: Sequence[str], examples: Sequence[Example]) -> list[float]:
-        """Call the user function once for the batch and check it returned one finite number each."""
-        if len(completions) != len(examples):
-            raise ValueError(f"{len(completions)} completions for {len(examples)} examples")
-        if not completions:
-            return []
-        try:
-            result = self.fn(
-                prompts=[e.prompt for e in examples],
-                completions=list(completions),
-                answer=[e.answer for e in examples],
-            )
-        except Exception as e:
-            raise _error(self.spec, f"raised {_describe(e)}") from None
-        return _as_rewards(self.spec, result, len(completions))
 
 
 def wrap_task_with_reward(task: Task, spec: str | None) -> Task:
