@@ -100,6 +100,9 @@ class ModelConfig:
             completions attend to its keys and values (same loss and gradients; sdpa/eager attention; micro-batches
             hold whole groups): on | off | auto (where the work saved per layer and micro-batch reaches 1e8 FLOPs on
             CPU, 1e10 on CUDA)
+        prefix_source: where the residual stream entering the lowest trained layer comes from: rollout (captured
+            by the rollout engine while it samples: the trainer's frozen-prefix pass is skipped) | trainer (the
+            trainer's own frozen-prefix pass) | auto (rollout where the engine's numerics match the trainer's)
     """
 
     model: str | None = None
@@ -116,6 +119,7 @@ class ModelConfig:
     kernels: str = "auto"
     fused_layers: bool = True
     share_prompts: str = "auto"
+    prefix_source: str = "auto"
 
 
 @dataclass
@@ -242,6 +246,8 @@ class RolloutConfig:
         enforce_eager: vLLM: no CUDA graphs (faster start, less memory); --no-enforce-eager captures them on GPU
         sleep_mode: vLLM on GPU: release its memory to the trainer between rollouts (TRL: vllm_enable_sleep_mode);
             ignored on CPU, where vLLM has no sleep mode
+        vllm_tensor_parallel_size: GPU only, under torchrun: each rollout engine spans this many GPUs (vLLM's
+            external-launcher mode); 1: one engine per rank
         check_sync: after every weight push, the engine's log-probs of a fixed sequence must equal the trainer's
             (float32 engine: within 1e-3, bfloat16: 0.1), else the run stops with an error; needs --quant none
         max_completion_length: longest completion in tokens (unset: the task's suggestion, 8 for arithmetic, 256 for
@@ -257,6 +263,7 @@ class RolloutConfig:
     max_model_len: int | None = None
     enforce_eager: bool = True
     sleep_mode: bool = False
+    vllm_tensor_parallel_size: int = 1
     check_sync: bool = False
     max_completion_length: int | None = None
     temperature: float = 1.0
@@ -352,6 +359,7 @@ class TrainConfig:
                   micro_batch_size=rl.micro_batch_size,
                   max_steps=run.max_steps, save_steps=run.save_steps, save_total_limit=run.save_total_limit,
                   max_consecutive_skips=run.max_consecutive_skips,
+                  vllm_tensor_parallel_size=ro.vllm_tensor_parallel_size,
                   num_eval=self.task.num_eval)
         if ro.max_completion_length is not None and ro.max_completion_length < 1:
             raise ConfigError(f"--max-completion-length must be at least 1, got {ro.max_completion_length}")
@@ -383,6 +391,7 @@ class TrainConfig:
             parse_size(self.model.prefix_cache_budget)
         _choice("--kernels", self.model.kernels, ("auto", "triton", "torch"))
         _choice("--share-prompts", self.model.share_prompts, ("auto", "on", "off"))
+        _choice("--prefix-source", self.model.prefix_source, ("auto", "rollout", "trainer"))
         _choice("--optim", rl.optim, ("adamw", "adamw8bit"))
         _choice("--reference", rl.reference, ("swap", "copy"))
         if (rl.boost_layers is None) != (rl.boost_lr is None):
