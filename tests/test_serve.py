@@ -1,7 +1,8 @@
 """Remote mode: `sparselayer serve` (real vLLM CPU build, separate process) takes layer deltas over HTTP.
 
-One server per session, started with the CLI on 127.0.0.1 and a free port. The tests leave it in
-a known state: only layer 2 is ever pushed, and every client re-reads the server's version.
+One server per session, started with the CLI on 127.0.0.1, a free port and an API key (KEY), shared
+with tests/test_serve_security.py through `shared_server`. The tests leave it in a known state: only
+layer 2 is ever pushed, and every client re-reads the server's version.
 """
 from __future__ import annotations
 
@@ -18,11 +19,15 @@ import pytest
 import torch
 from conftest import make_tiny_model
 
-from sparselayer.errors import DeltaError
+from sparselayer.errors import DataError, DeltaError, RemoteError
 from sparselayer.sync import delta as D
 
 LAYER = "model.layers.2."
 SEQUENCE = list(range(5, 25))  # a fixed token sequence for prompt log-probs
+KEY = "sl-test-4f1c9a0e7b"  # the session server's --api-key
+AUTH = {"Authorization": f"Bearer {KEY}"}
+BODY_TIMEOUT = 5  # the session server's --body-timeout (s): short for the slow-body test, ample for local pushes
+_SERVER: dict = {}  # the session's one server: url, model, process
 
 
 def _free_port() -> int:
@@ -37,7 +42,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 
         if proc.poll() is not None:
             raise RuntimeError(f"sparselayer serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
-            if httpx.get(url + D.HEALTH_ROUTE, timeout=2).status_code == 200:
+            if httpx.get(url + D.HEALTH_ROUTE, headers=AUTH, timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -45,30 +50,41 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 
     raise RuntimeError(f"sparselayer serve not healthy after {timeout}s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory):
-    """(url, model folder) of ONE `sparselayer serve` process for the session; SIGTERM at the end."""
-    pytest.importorskip("vllm")
-    root = tmp_path_factory.mktemp("serve")
-    model = make_tiny_model(root / "model", hidden=64)  # head size 16: served with heads padded to 32
-    port, log = _free_port(), root / "server.log"
-    cmd = [sys.executable, "-m", "sparselayer.cli", "serve", "--model", str(model), "--port", str(port),
-           "--max-model-len", "64", "--enforce-eager", "--kv-cache-memory-bytes", str(64 << 20)]
-    env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+def _stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
     try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def shared_server(request) -> tuple[str, Path]:
+    """(url, model folder) of THE `sparselayer serve` process of the session (any module's fixture starts it
+    on first use; it stops when pytest ends). Key KEY, body timeout BODY_TIMEOUT, other limits default."""
+    if "url" not in _SERVER:
+        pytest.importorskip("vllm")
+        root = request.getfixturevalue("tmp_path_factory").mktemp("serve")
+        model = make_tiny_model(root / "model", hidden=64)  # head size 16: served with heads padded to 32
+        port, log = _free_port(), root / "server.log"
+        cmd = [sys.executable, "-m", "sparselayer.cli", "serve", "--model", str(model), "--port", str(port),
+               "--max-model-len", "64", "--enforce-eager", "--kv-cache-memory-bytes", str(64 << 20),
+               "--api-key", KEY, "--body-timeout", str(BODY_TIMEOUT)]
+        env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}
+        with open(log, "w") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        request.config.add_cleanup(lambda: _stop(proc))
+        url = f"http://127.0.0.1:{port}"
         _wait_healthy(url, proc, log)
-        assert httpx.get(url + D.HEALTH_ROUTE).json()["padded_heads"]
-        yield url, model
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        assert httpx.get(url + D.HEALTH_ROUTE, headers=AUTH).json()["padded_heads"]
+        _SERVER.update(url=url, model=model, proc=proc)
+    return _SERVER["url"], _SERVER["model"]
+
+
+@pytest.fixture(scope="session")
+def server(request):
+    """(url, model folder) of the session's `sparselayer serve`."""
+    return shared_server(request)
 
 
 @pytest.fixture(scope="session")
@@ -81,7 +97,19 @@ def tokenizer(server):
 def _engine(server, tokenizer):
     from sparselayer.rollout.remote import RemoteRolloutEngine
 
-    return RemoteRolloutEngine(server[0], tokenizer, base_model=server[1])
+    return RemoteRolloutEngine(server[0], tokenizer, base_model=server[1], api_key=KEY)
+
+
+def clean_refusal(resp: httpx.Response, status: int) -> str:
+    """The refusal's one-line message, after checking it is `status` JSON with no internal detail in it: no
+    path, no shape, no Python repr, no traceback."""
+    assert resp.status_code == status, resp.text[:300]
+    error = resp.json()["error"]
+    assert isinstance(error, str) and "\n" not in error and len(error) < 300, error
+    assert _SERVER.get("model") is None or str(_SERVER["model"]) not in error
+    for leak in ("/tmp", "Traceback", "torch.Size", "(64,", "[64", "', '", "{'", "['", "<class", "Error:"):
+        assert leak not in error, error
+    return error
 
 
 def _hf_logprobs(model_dir: Path, layer: dict[str, torch.Tensor], token_ids: list[int]) -> torch.Tensor:
@@ -149,7 +177,7 @@ def test_trainer_pushes_sparse_deltas_and_stays_in_sync(server, tmp_path):
 
     url, model_dir = server
     config = TrainConfig.from_mapping({
-        "model": str(model_dir), "layers": "2", "rollout_url": url, "check_sync": True,
+        "model": str(model_dir), "layers": "2", "rollout_url": url, "rollout_api_key": KEY, "check_sync": True,
         "prompts_per_step": 2, "num_generations": 4, "max_completion_length": 6, "learning_rate": 1e-5,
         "max_steps": 2, "output_dir": str(tmp_path / "run"), "progress": False})
     trainer = Trainer(config, task=DigitShareTask())
@@ -195,10 +223,9 @@ def test_bad_delta_refused_and_weights_unchanged(server, tokenizer, case):
         payload = _bad_index_payload(engine, layer, name, version)
     else:  # a valid tensor next to a bad one: nothing at all is applied
         payload = D.encode_delta({**moved, LAYER + "bogus.weight": layer[name]}, {}, version)
-    resp = httpx.post(url + D.DELTA_ROUTE, content=payload, timeout=60)
-    assert resp.status_code == 400
-    error = resp.json()["error"]
-    assert "\n" not in error and error.startswith("delta ")
+    resp = httpx.post(url + D.DELTA_ROUTE, content=payload, headers=AUTH, timeout=60)
+    error = clean_refusal(resp, 400)
+    assert error.startswith("delta ")
     assert engine.health()["version"] == version
     assert _logprobs(engine) == before
 
@@ -267,3 +294,35 @@ def test_remote_engine_resync_forgets_server_state():
     assert engine.version is None and engine.pushed == {}
     engine.version = 5
     assert engine.sync.version == 5
+
+
+@pytest.mark.slow
+def test_token_id_prompts_are_sent_as_they_are(server, tokenizer):
+    """generate takes text (tokenized as before) or token-id lists (a chat template already applied), and
+    records the weights version that produced the completions (the server's response header)."""
+    engine = _engine(server, tokenizer)
+    ids = tokenizer("12+34=", add_special_tokens=False)["input_ids"]
+    by_text = engine.generate(["12+34=", "7*8="], 2, 6, greedy=True)
+    by_ids = engine.generate([ids, torch.tensor(tokenizer("7*8=", add_special_tokens=False)["input_ids"])], 2, 6,
+                             greedy=True)
+    assert by_ids.prompt_ids == by_text.prompt_ids and by_ids.completion_ids == by_text.completion_ids
+    assert engine.weights_version == engine.health()["version"]
+    for bad in (["ok", [1, "2"]], [[]], [3.5], [[True, 2]]):
+        with pytest.raises(DataError, match="neither a string nor a non-empty list of token ids"):
+            engine.generate(bad, 1, 2)
+
+
+@pytest.mark.slow
+def test_client_sends_the_key_from_the_environment(server, tokenizer, monkeypatch):
+    """Without api_key the client sends SPARSELAYER_API_KEY; a wrong key is one line that says where to give it."""
+    from sparselayer.rollout.remote import RemoteRolloutEngine
+
+    monkeypatch.setenv(D.API_KEY_ENV, KEY)
+    engine = RemoteRolloutEngine(server[0], tokenizer)
+    assert engine.health()["served_model_name"] == [server[1].name]
+    with pytest.raises(RemoteError, match=r"HTTP 401.*--rollout-api-key") as info:
+        RemoteRolloutEngine(server[0], tokenizer, api_key="wrong").health()
+    assert "\n" not in str(info.value)
+    monkeypatch.delenv(D.API_KEY_ENV)
+    with pytest.raises(RemoteError, match="HTTP 401"):
+        RemoteRolloutEngine(server[0], tokenizer).update_weights(_layer(server[1]).items())

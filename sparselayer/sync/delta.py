@@ -9,6 +9,11 @@ Payload: safetensors with tensors ``"<i>"`` (dense) or ``"<i>.indices"`` + ``"<i
 (sparse) and one metadata key ``"sparselayer"`` holding JSON: ``format``, ``base_version`` and per
 tensor ``name``, ``shape``, ``encoding``, ``crc`` (CRC-32 of the new bf16 bytes) and, for sparse
 entries, ``base_crc`` (of the bf16 bytes the delta applies to).
+
+Decoding trusts nothing in a payload: the header's size, JSON depth and tensor count are capped
+(`PayloadLimits`) before any tensor is read, every metadata field is type-checked, and every new
+value must be finite. Refusals are one-line `DeltaError`s that name the payload's own entries but
+never the served checkpoint's shapes or a Python repr.
 """
 from __future__ import annotations
 
@@ -38,9 +43,31 @@ META_KEY = "sparselayer"
 WIDE_LIMIT = 2**31 - 1  # above this many elements indices are int64
 DELTA_ROUTE = "/sparselayer/delta"  # where `sparselayer serve` takes payloads
 HEALTH_ROUTE = "/sparselayer/health"  # its model, weights version and served model name
+VERSION_HEADER = "X-Sparselayer-Weights-Version"  # on generation responses: the weights version that produced them
+API_KEY_ENV = "SPARSELAYER_API_KEY"  # the server's key (`serve --api-key`) when no flag or field gives one
 
-__all__ = ["FORMAT", "HAVE_EXTENSION", "Delta", "encode_delta", "decode_delta", "read_meta", "sparse_diff",
-           "sparse_apply", "to_bf16", "checkpoint_shapes", "load_checkpoint_tensors"]
+MAX_DEPTH = 8  # JSON nesting a payload header or its metadata may have (a valid one has 4)
+NAME_SHOWN = 120  # characters of a client-given tensor name a refusal repeats
+
+__all__ = ["FORMAT", "HAVE_EXTENSION", "Delta", "PayloadLimits", "encode_delta", "decode_delta", "read_meta",
+           "check_header", "check_finite", "sparse_diff", "sparse_apply", "to_bf16", "checkpoint_shapes",
+           "load_checkpoint_tensors"]
+
+
+@dataclass(frozen=True)
+class PayloadLimits:
+    """Caps on a payload's header, checked before any tensor is read, so that a hostile or broken
+    payload costs little (no 300,000 empty tensors, no 100k-deep JSON) whatever it declares."""
+
+    max_tensors: int  # metadata entries: checkpoint tensors one payload may carry
+    max_header_bytes: int  # the safetensors header JSON, metadata included
+    max_depth: int = MAX_DEPTH  # JSON nesting of the header and of the metadata
+
+    @classmethod
+    def for_shapes(cls, shapes: Mapping[str, tuple[int, ...]]) -> PayloadLimits:
+        """Limits any valid payload for a checkpoint of these tensors fits in: every tensor once, sparse
+        (two header entries), with room for long names."""
+        return cls(max_tensors=len(shapes), max_header_bytes=(64 << 10) + 1024 * len(shapes))
 
 
 def _use_cpp(backend: str | None) -> bool:
@@ -138,37 +165,146 @@ class Delta:
     encodings: dict[str, str] = field(default_factory=dict)  # name -> "dense" | "sparse"
 
 
-def read_meta(payload: bytes) -> dict:
-    """The payload's metadata (format, base_version, tensors) from its header alone; DeltaError if none."""
+def _not_readable() -> DeltaError:
+    return DeltaError("delta payload is not a readable safetensors file")
+
+
+def _json_depth(value) -> int:
+    """Nesting depth of parsed JSON (a scalar: 0), walked without recursion."""
+    depth, level = 0, [(value, 1)]
+    while level:
+        node, d = level.pop()
+        if isinstance(node, (dict, list)):
+            depth = max(depth, d)
+            level.extend((child, d + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return depth
+
+
+def _load_json(text: bytes | str, what: str, max_depth: int):
+    """Parsed JSON no deeper than `max_depth`; DeltaError (never RecursionError) otherwise."""
     try:
-        header_len = int.from_bytes(payload[:8], "little")
-        meta_text = json.loads(payload[8 : 8 + header_len]).get("__metadata__", {}).get(META_KEY)
-        meta = json.loads(meta_text) if meta_text else None
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise DeltaError(f"delta payload is not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+        value = json.loads(text)
+    except RecursionError:
+        raise DeltaError(f"delta payload {what} is nested deeper than {max_depth} levels") from None
+    except (ValueError, TypeError):
+        raise _not_readable() if what == "header" else DeltaError(f"delta payload {what} is not JSON") from None
+    if _json_depth(value) > max_depth:
+        raise DeltaError(f"delta payload {what} is nested deeper than {max_depth} levels")
+    return value
+
+
+def _header(payload: bytes, limits: PayloadLimits | None) -> dict:
+    """The payload's safetensors header (tensor entries and `__metadata__`), within `limits`."""
+    header_len = int.from_bytes(payload[:8], "little") if len(payload) >= 8 else -1
+    if header_len < 2 or header_len > len(payload) - 8:
+        raise _not_readable()
+    if limits is not None and header_len > limits.max_header_bytes:
+        raise DeltaError(f"delta payload header is {header_len} bytes, over the limit of {limits.max_header_bytes}")
+    header = _load_json(payload[8 : 8 + header_len], "header", limits.max_depth if limits else MAX_DEPTH)
+    if not isinstance(header, dict):
+        raise _not_readable()
+    return header
+
+
+def _meta_of(header: dict, limits: PayloadLimits | None) -> dict:
+    """The `sparselayer-delta/1` metadata of a parsed header, its shape checked (not its entries)."""
+    extra = header.get("__metadata__")
+    text = extra.get(META_KEY) if isinstance(extra, dict) else None
+    if not isinstance(text, str):
+        raise DeltaError(f"delta payload lacks {FORMAT} metadata")
+    meta = _load_json(text, "metadata", limits.max_depth if limits else MAX_DEPTH)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("tensors"), list):
         raise DeltaError(f"delta payload lacks {FORMAT} metadata")
+    if limits is not None and len(meta["tensors"]) > limits.max_tensors:
+        raise DeltaError(f"delta payload lists {len(meta['tensors'])} tensors, over the limit of "
+                         f"{limits.max_tensors} (the served checkpoint's tensor count)")
     return meta
 
 
-def _read_payload(payload: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Metadata and raw tensors of a payload; DeltaError if it is not one."""
+def read_meta(payload: bytes, limits: PayloadLimits | None = None) -> dict:
+    """The payload's metadata (format, base_version, tensors) from its header alone; DeltaError if none
+    (or, given `limits`, if the header is larger, deeper or lists more tensors than they allow)."""
+    return _meta_of(_header(payload, limits), limits)
+
+
+def _shown(name: str) -> str:
+    """A client-given tensor name as a refusal may repeat it: printable, one line, bounded."""
+    text = "".join(c if c.isprintable() else "?" for c in name[:NAME_SHOWN])
+    return text + ("..." if len(name) > NAME_SHOWN else "")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_entry(i: int, entry) -> None:
+    """Metadata entry `i` has the fields and types of the format (its values are checked on decode)."""
+    if not isinstance(entry, dict):
+        raise DeltaError(f"delta entry {i} is not an object")
+    if not isinstance(entry.get("name"), str):
+        raise DeltaError(f"delta entry {i}: name is not a string")
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise DeltaError(f"delta entry {i}: shape is not a list of non-negative integers")
+    if entry.get("encoding") not in ("dense", "sparse"):
+        raise DeltaError(f"delta entry {i}: encoding is neither dense nor sparse")
+    for key in ("crc", "base_crc") if entry["encoding"] == "sparse" else ("crc",):
+        if not _is_int(entry.get(key)):
+            raise DeltaError(f"delta entry {i}: {key} is not an integer")
+
+
+def _check_tensor_keys(header: dict, meta: dict, limits: PayloadLimits | None) -> None:
+    """The payload holds exactly the tensors its entries describe (before any is read)."""
+    keys = set(header) - {"__metadata__"}
+    if limits is not None and len(keys) > 2 * limits.max_tensors:
+        raise DeltaError(f"delta payload holds {len(keys)} tensors, over the limit of {2 * limits.max_tensors}")
+    expected = set()
+    for i, entry in enumerate(meta["tensors"]):
+        _check_entry(i, entry)
+        expected |= {str(i)} if entry["encoding"] == "dense" else {f"{i}.indices", f"{i}.values"}
+    if keys - expected:
+        raise DeltaError("delta payload holds tensors its metadata does not describe")
+
+
+def check_header(payload: bytes, limits: PayloadLimits | None = None) -> dict:
+    """Validate everything the header says (size, depth, counts, entry types, tensor keys) and return the
+    metadata; cheap, and done before any tensor data is touched."""
+    header = _header(payload, limits)
+    meta = _meta_of(header, limits)
+    base_version = meta.get("base_version")
+    if not _is_int(base_version):
+        raise DeltaError("delta payload metadata lacks an integer base_version")
+    _check_tensor_keys(header, meta, limits)
+    return meta
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """DeltaError unless every value of `t` is finite: one NaN or Inf pushed would poison the served model
+    for good. aminmax propagates NaN and keeps +-Inf, and runs at memory speed (no bool temporary)."""
+    if t.numel() and not all(bool(torch.isfinite(v)) for v in torch.aminmax(t.reshape(-1))):
+        raise DeltaError(f"delta tensor {name} holds NaN or Inf values")
+
+
+def _read_payload(payload: bytes, limits: PayloadLimits | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Checked metadata and raw tensors of a payload; DeltaError if it is not one."""
+    meta = check_header(payload, limits)
     try:
         raw = st_load(payload)
-    except (SafetensorError, ValueError, TypeError) as exc:
-        raise DeltaError(f"delta payload is not a readable safetensors file ({str(exc).splitlines()[0]})") from None
-    return read_meta(payload), raw
+    except (SafetensorError, ValueError, TypeError, OverflowError):
+        raise _not_readable() from None
+    return meta, raw
 
 
 def decode_delta(payload: bytes, shapes: Mapping[str, tuple[int, ...]],
                  base_of: Callable[[str], torch.Tensor], version: int | None = None,
-                 backend: str | None = None) -> Delta:
+                 backend: str | None = None, limits: PayloadLimits | None = None) -> Delta:
     """Check every entry of `payload` against the model's `shapes`, the current `version` and the bases
-    (`base_of(name)`, bf16) and return the new tensors; DeltaError on the first problem, nothing applied."""
-    meta, raw = _read_payload(payload)
-    base_version = meta.get("base_version")
-    if not isinstance(base_version, int) or isinstance(base_version, bool):
-        raise DeltaError("delta payload metadata lacks an integer base_version")
+    (`base_of(name)`, bf16) and return the new tensors; DeltaError on the first problem, nothing applied.
+
+    `limits` caps the header (default: `PayloadLimits.for_shapes(shapes)`); every new value must be finite.
+    """
+    meta, raw = _read_payload(payload, limits or PayloadLimits.for_shapes(shapes))
+    base_version = meta["base_version"]
     if version is not None and base_version != version:
         raise DeltaError(f"delta built on weights version {base_version}, but the server is at version {version}")
     delta = Delta(base_version, {})
@@ -182,39 +318,41 @@ def decode_delta(payload: bytes, shapes: Mapping[str, tuple[int, ...]],
 
 def _decode_entry(key: str, entry: dict, raw: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]],
                   base_of: Callable[[str], torch.Tensor], backend: str | None) -> tuple[str, torch.Tensor]:
-    """One validated new tensor of the payload."""
-    name = entry.get("name") if isinstance(entry, dict) else None
+    """One validated, finite new tensor of the payload (entry fields already type-checked)."""
+    name = entry["name"]
     if name not in shapes:
-        raise DeltaError(f"delta names unknown tensor {name!r} (not in the served model's checkpoint)")
+        raise DeltaError(f"delta names unknown tensor '{_shown(name)}' (not in the served model's checkpoint)")
     shape = tuple(shapes[name])
-    if tuple(entry.get("shape") or ()) != shape:
-        raise DeltaError(f"delta tensor {name} has shape {tuple(entry.get('shape') or ())}, the model's is {shape}")
-    encoding = entry.get("encoding")
-    if encoding == "dense":
+    if tuple(entry["shape"]) != shape:
+        raise DeltaError(f"delta tensor {name} has shape unlike the served checkpoint's tensor")
+    if entry["encoding"] == "dense":
         t = raw.get(key)
         if t is None or t.dtype != torch.bfloat16 or tuple(t.shape) != shape:
-            raise DeltaError(f"delta tensor {name}: dense data missing or not bfloat16 of shape {shape}")
-    elif encoding == "sparse":
-        t = _decode_sparse(name, key, entry, raw, base_of(name), backend)
+            raise DeltaError(f"delta tensor {name}: dense data missing, not bfloat16 or not of the entry's shape")
+        check_finite(name, t)
     else:
-        raise DeltaError(f"delta tensor {name}: unknown encoding {encoding!r}")
-    if crc(t) != entry.get("crc"):
+        t = _decode_sparse(name, key, entry, raw, base_of(name), backend)
+    if crc(t) != entry["crc"]:
         raise DeltaError(f"delta tensor {name}: checksum mismatch (corrupted values)")
     return name, t
 
 
 def _decode_sparse(name: str, key: str, entry: dict, raw: Mapping[str, torch.Tensor], base: torch.Tensor,
                    backend: str | None) -> torch.Tensor:
-    """Base with the entry's sparse values written in, after checking the base is the one it was built on."""
-    if crc(base) != entry.get("base_crc"):
+    """Base with the entry's sparse values written in, after checking the base is the one it was built on
+    and that the new values are finite (the base is: the checkpoint's, or an earlier checked push)."""
+    if crc(base) != entry["base_crc"]:
         raise DeltaError(f"delta tensor {name} was built on other weights than the server holds (base checksum)")
     idx, val = raw.get(key + ".indices"), raw.get(key + ".values")
     if idx is None or val is None:
         raise DeltaError(f"delta tensor {name}: sparse indices or values missing")
+    if val.dtype == torch.bfloat16:
+        check_finite(name, val)
     try:
         return sparse_apply(base, idx, val, backend)
-    except ValueError as exc:
-        raise DeltaError(f"delta tensor {name}: {exc}") from None
+    except ValueError:
+        raise DeltaError(f"delta tensor {name}: sparse indices out of range, not increasing or not int32/int64, "
+                         "or values not bfloat16 of the same length") from None
 
 
 def _shard_files(model_dir: str | Path) -> list[Path]:
