@@ -4,29 +4,48 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .distributed import all_reduce_sum, world
 from .rollout.base import RolloutEngine
 from .tasks import Task
+from .tasks.chat import PromptRenderer
 
 
 def evaluate(engine: RolloutEngine, tokenizer, task: Task, num_examples: int = 500, k: int = 4,
-             max_new_tokens: int | None = None, temperature: float = 1.0, seed: int = 0) -> dict[str, Any]:
-    """Score the engine's policy on the task's held-out prompts; `accuracy` is greedy pass@1."""
-    examples = list(task.test)[:num_examples]
-    prompts = [e.prompt for e in examples]
+             max_new_tokens: int | None = None, temperature: float = 1.0, seed: int = 0,
+             renderer: PromptRenderer | None = None) -> dict[str, Any]:
+    """Score the engine's policy on the task's held-out prompts; `accuracy` is greedy pass@1.
+
+    `renderer` turns prompts into token ids as training did (the trainer's: same chat template, system
+    prompt and template variables); unset: `tokenizer`'s own chat template renders conversations.
+    Under torchrun every rank scores its contiguous share of the prompts and the counts are summed, so
+    every rank returns the whole set's figures.
+    """
+    everyone = list(task.test)[:num_examples]
+    examples = [everyone[i] for i in world().shard(len(everyone))]
+    prompts = (renderer or PromptRenderer(tokenizer)).token_ids(examples)
     max_new = max_new_tokens or task.suggested_max_completion_length
-    greedy = engine.generate(prompts, 1, max_new, greedy=True, seed=seed)
-    greedy_ok = _correct(tokenizer, task, greedy.completion_ids, examples, 1)
-    result: dict[str, Any] = {"task": task.name, "num_examples": len(examples),
-                              "accuracy": sum(greedy_ok) / len(examples)}
+    greedy_ok = _scored(engine, tokenizer, task, prompts, examples, 1, max_new, greedy=True, seed=seed)
+    (correct,) = all_reduce_sum([sum(greedy_ok)])
+    result: dict[str, Any] = {"task": task.name, "num_examples": len(everyone),
+                              "accuracy": correct / len(everyone)}
     result["pass@1"] = result["accuracy"]
     if k > 0:
-        sampled = engine.generate(prompts, k, max_new, temperature=temperature, seed=seed)
-        ok = _correct(tokenizer, task, sampled.completion_ids, examples, k)
+        ok = _scored(engine, tokenizer, task, prompts, examples, k, max_new, temperature=temperature, seed=seed)
         per_prompt = [ok[i * k : (i + 1) * k] for i in range(len(examples))]
+        hits, solved = all_reduce_sum([sum(ok), sum(any(g) for g in per_prompt)])
         result.update({"k": k, "temperature": temperature,
-                       f"mean@{k}": sum(ok) / len(ok),
-                       f"pass@{k}": sum(any(g) for g in per_prompt) / len(examples)})
+                       f"mean@{k}": hits / (len(everyone) * k),
+                       f"pass@{k}": solved / len(everyone)})
     return result
+
+
+def _scored(engine: RolloutEngine, tokenizer, task: Task, prompts, examples, n: int, max_new: int,
+            **sampling: Any) -> list[bool]:
+    """Whether each of n completions per prompt is correct (nothing to sample for a rank without prompts)."""
+    if not examples:
+        return []
+    rollouts = engine.generate(prompts, n, max_new, **sampling)
+    return _correct(tokenizer, task, rollouts.completion_ids, examples, n)
 
 
 def _correct(tokenizer, task: Task, completion_ids, examples, n: int) -> list[bool]:
@@ -39,7 +58,7 @@ def evaluate_path(path: str | Path | None = None, task: Task | None = None, **kw
     from .export import load_for_eval
     from .rollout.hf import HFRolloutEngine
 
-    model, tokenizer, run_task, source = load_for_eval(path)
+    model, tokenizer, run_task, source, renderer = load_for_eval(path)
     task = task or run_task
-    result = evaluate(HFRolloutEngine(model, tokenizer), tokenizer, task, **kwargs)
+    result = evaluate(HFRolloutEngine(model, tokenizer), tokenizer, task, renderer=renderer, **kwargs)
     return {"model": source, **result}

@@ -8,8 +8,9 @@ from torch import nn
 from .config import TrainConfig
 from .errors import RunError
 from .model.layout import load_model
-from .runs import RunDir
+from .runs import RunDir, warn
 from .tasks import Task, build_task
+from .tasks.chat import PromptRenderer
 
 
 def is_run_dir(path: str | Path | None) -> bool:
@@ -17,29 +18,37 @@ def is_run_dir(path: str | Path | None) -> bool:
 
 
 def load_run(path: str | Path, device: str = "auto") -> tuple[nn.Module, object, TrainConfig, int]:
-    """Base model with the latest checkpoint's trained tensors loaded; also the run's config and step."""
+    """Base model with the newest intact checkpoint's trained tensors loaded; also the run's config and step.
+
+    An unreadable newer checkpoint is skipped with one warning line on stderr (nothing in the run is
+    changed); RunError when no checkpoint is intact.
+    """
     run = RunDir(path)
     config = TrainConfig.from_mapping(run.read_config())
-    ckpt = run.latest_checkpoint()
+    ckpt = run.newest_intact(mmap=True)  # the optimizer state is only checked: map it, do not read it
     if ckpt is None:
         raise RunError(f"run directory {path} holds no checkpoint yet")
-    tensors, _, meta = RunDir.load_checkpoint(ckpt)
+    if ckpt.skipped:
+        warn(ckpt.skipped_note())
     model, tokenizer = load_model(config.model.model, config.model.dtype, device, config.model.attn_implementation)
     state = model.state_dict()
-    unknown = [n for n in tensors if n not in state]
+    unknown = [n for n in ckpt.tensors if n not in state]
     if unknown:
-        raise RunError(f"checkpoint {ckpt} does not fit the base model (unknown tensor {unknown[0]})")
-    model.load_state_dict(tensors, strict=False)
-    return model, tokenizer, config, int(meta["step"])
+        raise RunError(f"checkpoint {ckpt.path} does not fit the base model (unknown tensor {unknown[0]})")
+    model.load_state_dict(ckpt.tensors, strict=False)
+    return model, tokenizer, config, ckpt.step
 
 
-def load_for_eval(path: str | Path | None) -> tuple[nn.Module, object, Task, str]:
-    """Model, tokenizer, the task it was trained on (built-in default otherwise) and a source label."""
+def load_for_eval(path: str | Path | None) -> tuple[nn.Module, object, Task, str, PromptRenderer]:
+    """Model, tokenizer, the task it was trained on (built-in default otherwise), a source label, and the
+    prompt renderer of its training (chat template, system prompt, template variables)."""
     if is_run_dir(path):
         model, tokenizer, config, step = load_run(path)
-        return model, tokenizer, build_task(config.task.task, config.task.dataset), f"{path} (step {step})"
+        t = config.task  # accuracy needs the data, not the reward functions: their code is not run here
+        task = build_task(t.task, t.dataset, dataset_split=t.dataset_split, eval_dataset=t.eval_dataset)
+        return model, tokenizer, task, f"{path} (step {step})", PromptRenderer.from_config(tokenizer, t)
     model, tokenizer = load_model(path)
-    return model, tokenizer, build_task(), str(path) if path else "embedded default"
+    return model, tokenizer, build_task(), str(path) if path else "embedded default", PromptRenderer(tokenizer)
 
 
 def export_run(run_dir: str | Path, output: str | Path) -> Path:

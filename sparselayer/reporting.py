@@ -76,9 +76,7 @@ class WandbReporter(Reporter):
         self.run.log(metrics, step=step)
 
     def log_table(self, name: str, rows: Sequence[dict[str, Any]], step: int) -> None:
-        columns = list(rows[0]) if rows else []
-        table = self.wandb.Table(columns=columns, data=[[_cell(r.get(c)) for c in columns] for r in rows])
-        self.run.log({name: table}, step=step)
+        self.run.log({name: self.wandb.Table(**_columns_and_data(rows))}, step=step)
 
     def close(self) -> None:
         self.run.finish()
@@ -97,9 +95,7 @@ class TrackioReporter(Reporter):
         self.trackio.log(metrics, step=step)
 
     def log_table(self, name: str, rows: Sequence[dict[str, Any]], step: int) -> None:
-        columns = list(rows[0]) if rows else []
-        table = self.trackio.Table(columns=columns, data=[[_cell(r.get(c)) for c in columns] for r in rows])
-        self.trackio.log({name: table}, step=step)
+        self.trackio.log({name: self.trackio.Table(**_columns_and_data(rows))}, step=step)
 
     def close(self) -> None:
         self.trackio.finish()
@@ -153,6 +149,12 @@ def _flat(config: dict[str, Any]) -> dict[str, Any]:
     for key, value in config.items():
         out.update(_flat(value) if isinstance(value, dict) else {key: value})
     return out
+
+
+def _columns_and_data(rows: Sequence[dict[str, Any]]) -> dict[str, list]:
+    """Rows of equal keys as a table's columns and cell lists (wandb's and Trackio's Table arguments)."""
+    columns = list(rows[0]) if rows else []
+    return {"columns": columns, "data": [[_cell(r.get(c)) for c in columns] for r in rows]}
 
 
 def _cell(value: Any) -> Any:

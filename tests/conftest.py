@@ -9,6 +9,8 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("SPARSELAYER_AUTO_ROLLOUT", "hf")  # --rollout auto: no vLLM engine unless a test asks
+if not torch.cuda.is_available():  # before any test module imports triton (transformers does): the Triton
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # kernels' tests run them in the interpreter on CPU
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

@@ -67,3 +67,48 @@ def test_missing_library_names_the_package(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trackio" else real(name, *a))
     with pytest.raises(ConfigError, match="needs the trackio package"):
         check_reporters(["trackio"])
+
+
+def test_a_run_reports_to_tensorboard_and_wandb_with_completions_and_eval_curve(tmp_path, monkeypatch, capsys):
+    """The whole CLI on the embedded model: every logger gets the metrics.jsonl keys, completions.jsonl holds
+    each sampled group with its rewards, held-out accuracy every step, and the summary's best point."""
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("wandb")
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from sparselayer.cli import main
+    from sparselayer.runs import RunDir
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    code = main(["train", "--output-dir", str(out), "--max-steps", "3", "--prompts-per-step", "3",
+                 "--num-generations", "2", "--num-eval", "4", "--no-progress", "--rollout", "hf",
+                 "--report-to", "tensorboard", "wandb", "--log-completions", "2", "--eval-steps", "1"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    run = RunDir(out)
+    metrics, summary = run.read_metrics(), run.read_summary()
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert "eval_accuracy" in metrics[0] and "eval_accuracy" in metrics[1]  # step 3: the final evaluation
+    curve = summary["eval_curve"]
+    assert [p["step"] for p in curve] == [0, 1, 2, 3] and curve[-1]["accuracy"] == summary["final_accuracy"]
+    best = max(p["accuracy"] for p in curve)
+    assert summary["best_eval"]["accuracy"] == best
+    assert f"best held-out accuracy {best:.1%} at step {summary['best_eval']['step']}" in printed
+
+    rows = [json.loads(line) for line in run.completions_path.read_text().splitlines()]
+    assert len(rows) == 2 * 2 and {r["step"] for r in rows} == {2}  # two prompts x their group, at step 2
+    assert all(isinstance(r["completion"], str) and "rewards/task" in r for r in rows)
+    assert sum(r["reward"] for r in rows) / 4 <= 1.0 and all(r["reward"] == r["rewards/task"] for r in rows)
+
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    numeric = {k for m in metrics for k, v in m.items() if isinstance(v, (int, float))}
+    assert numeric <= tags, numeric - tags
+    assert [round(e.value, 6) for e in acc.Scalars("reward_mean")] == [round(m["reward_mean"], 6) for m in metrics]
+    assert [e.step for e in acc.Scalars("eval_accuracy")] == [0, 1, 2, 3]
+    assert list((out / "wandb").glob("offline-run-*/*.wandb"))

@@ -55,9 +55,11 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_model, tmp_path):
     proc.wait()
     run = RunDir(killed)
     assert run.checkpoint_steps() and run.checkpoint_steps()[-1] < STEPS
+    assert (killed / ".lock").read_text().strip() == str(proc.pid), "the killed run's stale lock file"
 
-    _run(_cmd(tiny_model, killed, resume=True))
+    _run(_cmd(tiny_model, killed, resume=True))  # the kernel dropped the dead process's flock: taken over
     assert not list(run.checkpoints.glob(".tmp-*"))
+    assert not (killed / ".lock").exists()
     a, b = _final_weights(straight), _final_weights(killed)
     assert a.keys() == b.keys() and all(k.startswith("model.layers.1.") for k in a)
     for name in a:

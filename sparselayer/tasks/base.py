@@ -58,3 +58,20 @@ class Task(ABC):
     def rewards(self, completions: Sequence[str], examples: Sequence[Example]) -> list[float]:
         """Rewards of a batch of completions, one per (completion, example) pair."""
         return [self.reward(c, e) for c, e in zip(completions, examples)]
+
+
+class ListTask(Task):
+    """A task whose training and held-out prompts are lists held in memory."""
+
+    def __init__(self, name: str, train: Sequence[Example], test: Sequence[Example]) -> None:
+        self.name, self._train, self._test = name, list(train), list(test)
+
+    @property
+    def train(self) -> Sequence[Example]:
+        """Training prompts."""
+        return self._train
+
+    @property
+    def test(self) -> Sequence[Example]:
+        """Held-out prompts, disjoint from `train`."""
+        return self._test

@@ -24,7 +24,7 @@ from typing import Any
 import jinja2
 
 from ..errors import ConfigError, DataError
-from .base import Example, Prompt, Task
+from .base import Example, ListTask, Prompt, Task
 
 ROLES = ("system", "user", "assistant", "tool")  # the roles chat templates of Qwen, Llama and TRL's data know
 TEMPLATE_MODES = ("auto", "none")  # --chat-template besides a file path
@@ -195,23 +195,13 @@ class PromptRenderer:
             raise ConfigError(f"{where}: {self.template_name} failed: {_template_failure(e)}") from None
 
 
-class PromptSubset(Task):
+class PromptSubset(ListTask):
     """A task with some of its prompts left out (those too long for the model's context); the rest is its own."""
 
     def __init__(self, task: Task, train: Sequence[Example], test: Sequence[Example]):
-        self.task, self._train, self._test = task, list(train), list(test)
-        self.name = task.name
+        super().__init__(task.name, train, test)
+        self.task = task
         self.suggested_max_completion_length = task.suggested_max_completion_length
-
-    @property
-    def train(self) -> Sequence[Example]:
-        """The task's training prompts that fit."""
-        return self._train
-
-    @property
-    def test(self) -> Sequence[Example]:
-        """The task's held-out prompts that fit."""
-        return self._test
 
     def is_correct(self, completion: str, example: Example) -> bool:
         return self.task.is_correct(completion, example)

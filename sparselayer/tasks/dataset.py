@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from sparselayer.errors import ConfigError, DataError
-from sparselayer.tasks.base import Example, Prompt, Task
+from sparselayer.tasks.base import Example, ListTask, Prompt
 from sparselayer.tasks.chat import conversation_problem, plain_conversation
 from sparselayer.tasks.math_answers import answers_match
 
@@ -43,23 +43,8 @@ HELD_OUT_SPLITS = ("test", "validation")  # a DatasetDict's held-out split, in t
 Row = tuple[str, dict]  # (where: "line 3" / "row 3" / "test row 3", the row)
 
 
-class DatasetTask(Task):
+class DatasetTask(ListTask):
     """Prompts and optional answers from a data source, judged by math answer matching."""
-
-    def __init__(self, name: str, train: Sequence[Example], test: Sequence[Example]) -> None:
-        self.name = name
-        self._train = list(train)
-        self._test = list(test)
-
-    @property
-    def train(self) -> Sequence[Example]:
-        """Training prompts."""
-        return self._train
-
-    @property
-    def test(self) -> Sequence[Example]:
-        """Held-out prompts, disjoint from `train`."""
-        return self._test
 
     def is_correct(self, completion: str, example: Example) -> bool:
         """Whether the completion's final answer matches the reference answer (never, for a row without one)."""
