@@ -13,12 +13,37 @@ import torch
 
 
 @dataclass
+class CapturedStates:
+    """The residual stream entering decoder layer `layer` (the lowest trained one), as the rollout engine
+    computed it while sampling, so that the trainer can skip its frozen-prefix pass (--prefix-source).
+
+    Prompt states are kept once per GRPO group (rows g*n .. g*n+n-1 share prompt g), as shared prompts
+    need; completion states per row, one per fed token: the last sampled token is never fed back, so a
+    completion of c tokens has c - 1 of them.
+    """
+
+    layer: int
+    prompts: list[torch.Tensor]  # per prompt: len(prompt) x H
+    completions: list[torch.Tensor]  # per row: (len(completion) - 1) x H
+
+    @property
+    def group_size(self) -> int:
+        """Rows per prompt."""
+        return len(self.completions) // max(len(self.prompts), 1)
+
+    def nbytes(self) -> int:
+        """Bytes the states hold (what capturing costs in memory)."""
+        return sum(t.numel() * t.element_size() for t in [*self.prompts, *self.completions])
+
+
+@dataclass
 class Rollouts:
     """Completions in prompt-major order: prompt i's generations are rows i*n .. i*n+n-1."""
 
     prompt_ids: list[list[int]]  # one per row (repeated across a prompt's generations)
     completion_ids: list[list[int]]  # cut after the first EOS, which is kept
     sampling_logprobs: list[list[float]] | None = None  # per completion token, if the engine reports them
+    states: CapturedStates | None = field(default=None, compare=False)  # where the engine captured them
 
 
 @dataclass
@@ -30,6 +55,7 @@ class Batch:
     completion_mask: torch.Tensor  # B x C, 1 on completion tokens (EOS included)
     prompt_len: int  # P
     sampling_logp: torch.Tensor | None = None  # B x C, the rollout engine's log-probs of the sampled tokens
+    states: CapturedStates | None = None  # the engine's captured prefix states (whole batch only, not in rows())
 
     def rows(self, rows: list[int]) -> Batch:
         """The sub-batch `rows`, trimmed to its own longest prompt and completion (less padding)."""
@@ -59,7 +85,7 @@ def collate(rollouts: Rollouts, pad_id: int, device: torch.device | str = "cpu")
         input_ids[i, P : P + len(c)] = torch.tensor(c, dtype=torch.long)
         attention[i, P - len(p) : P + len(c)] = 1
     return Batch(input_ids.to(device), attention.to(device), attention[:, P:].to(device), P,
-                 _pad_logprobs(rollouts.sampling_logprobs, C, device))
+                 _pad_logprobs(rollouts.sampling_logprobs, C, device), rollouts.states)
 
 
 def _pad_logprobs(rows: list[list[float]] | None, width: int, device: torch.device | str) -> torch.Tensor | None:

@@ -53,8 +53,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, shown: dict[str, str] | N
             if f.type == "bool":
                 group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
                                    default=argparse.SUPPRESS, help=text.replace("%", "%%"))
-            elif f.type.startswith("list"):  # repeatable: --reward a --reward b
-                group.add_argument(*flags, dest=f.name, action="append", default=argparse.SUPPRESS,
+            elif f.type.startswith("list"):  # --reward a b, or repeated: --reward a --reward b
+                group.add_argument(*flags, dest=f.name, action="extend", nargs="+", default=argparse.SUPPRESS,
                                    metavar=f.metadata.get("metavar", f.name.upper()), help=text.replace("%", "%%"))
             else:
                 group.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS,
@@ -77,6 +77,23 @@ def _add_serve_parser(sub) -> None:
     sv.add_argument("--kv-cache-memory-bytes", type=int, default=None,
                     help="vLLM: KV cache size (default on CPU without --gpu-memory-utilization: 1 GiB)")
     sv.add_argument("--enforce-eager", action="store_true", help="vLLM: no graph capture or compilation")
+    sv.add_argument("--api-key", default=None, metavar="KEY",
+                    help="every request, on every route, must carry Authorization: Bearer KEY (default: the "
+                         "environment variable SPARSELAYER_API_KEY, which keeps the key out of the process list); "
+                         "required to listen on a non-loopback --host")
+    sv.add_argument("--max-body-bytes", type=int, default=None, metavar="N",
+                    help="largest delta payload (413 above it, before reading; default: every checkpoint tensor "
+                         "dense in bf16 plus its header)")
+    sv.add_argument("--body-timeout", type=float, default=None, metavar="SECONDS",
+                    help="time to receive a whole delta payload (408 after it; default: 60 s + 1 s per 16 MiB "
+                         "of --max-body-bytes)")
+    sv.add_argument("--max-tensors", type=int, default=None, metavar="N",
+                    help="tensors one delta may name (default: the checkpoint's tensor count)")
+    sv.add_argument("--max-metadata-bytes", type=int, default=None, metavar="N",
+                    help="size of a delta's safetensors header, metadata included (default: 64 KiB + 1 KiB per "
+                         "checkpoint tensor)")
+    sv.add_argument("--max-metadata-depth", type=int, default=None, metavar="N",
+                    help="JSON nesting of a delta's header and metadata (default: 8; a valid one has 4)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train one (or a few) layers with GRPO")
     tr.add_argument("--config", type=Path, help="YAML file of settings; flags override it")
     tr.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its latest checkpoint")
+    tr.add_argument("--nproc-per-node", dest="nproc_per_node", type=int, default=argparse.SUPPRESS, metavar="N",
+                    help="data-parallel on this node: hand the same command to torch.distributed.run with N "
+                         "processes (one per GPU; gloo on CPU); several nodes: torchrun ... -m sparselayer train")
     _add_config_flags(tr)
     ev = sub.add_parser("eval", help="held-out accuracy of a model folder, a run directory or the embedded model")
     ev.add_argument("path", nargs="?", help="model folder or run directory (default: embedded base model)")
@@ -132,7 +152,8 @@ def _pop_layers(given: dict[str, Any]) -> str | None:
 
 def resolve_train_config(args: argparse.Namespace) -> TrainConfig:
     """defaults <- embedded model's recipe <- saved run config (--resume) <- --config YAML <- flags."""
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume")}
+    not_settings = ("command", "config", "resume", "nproc_per_node", "argv")
+    given = {k: v for k, v in vars(args).items() if k not in not_settings}
     layers = _pop_layers(given)
     if layers is not None:
         given["layers"] = layers
@@ -155,16 +176,38 @@ def resolve_train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .distributed import launch, launched_rank, launched_size
     from .train import train
 
-    config = resolve_train_config(args)
+    nproc = vars(args).pop("nproc_per_node", None)
+    config = resolve_train_config(args)  # flags checked here, before any process starts
+    if nproc is not None and launched_size() == 1:
+        return launch(nproc, _without_nproc(args.argv))
     summary = train(config, resume=args.resume)
+    if launched_rank() != 0:
+        return 0  # under torchrun rank 0 prints the result
     base, final = summary.get("base_accuracy"), summary.get("final_accuracy")
     line = f"trained {summary['layers']} for {summary['steps']} steps in {summary['train_time_s']:.0f}s"
     if base is not None and final is not None:
         line += f"; held-out accuracy {base:.1%} -> {final:.1%} ({(final - base) * 100:+.1f} points)"
+    if config.run.eval_steps and "best_eval" in summary:
+        best = summary["best_eval"]
+        line += f"\nbest held-out accuracy {best['accuracy']:.1%} at step {best['step']}"
     print(line + f"\nrun directory: {summary['output_dir']}")
     return 0
+
+
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    """The command line without --nproc-per-node N (what each rank torch.distributed.run starts gets)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc-per-node":
+            skip = True
+        elif not arg.startswith("--nproc-per-node="):
+            out.append(arg)
+    return out
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -246,12 +289,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     serve(args.model, host=args.host, port=args.port, max_model_len=args.max_model_len, dtype=args.dtype,
           gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
-          kv_cache_memory_bytes=args.kv_cache_memory_bytes)
+          kv_cache_memory_bytes=args.kv_cache_memory_bytes, api_key=args.api_key,
+          max_body_bytes=args.max_body_bytes, body_timeout=args.body_timeout, max_tensors=args.max_tensors,
+          max_metadata_bytes=args.max_metadata_bytes, max_metadata_depth=args.max_metadata_depth)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # train --nproc-per-node hands it to torchrun
     _quiet_libraries()
     handler = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "bench": cmd_bench, "serve": cmd_serve,
                "sweep": cmd_sweep}[args.command]

@@ -8,6 +8,7 @@ optimizer step -> push the changed layer to the rollout engine. Every stage live
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -16,19 +17,21 @@ import torch
 from .batch import Rollouts, StepBatch, collate
 from .config import TrainConfig
 from .contributions import resolve_layers
+from .distributed import all_reduce_gradients, all_reduce_sum, check_tensor_parallel, gather_objects, setup
 from .errors import ConfigError, RunError
 from .kernels.patch import resolve_kernels, use_fused_kernels
 from .memory import peak_bytes, reset_peak
-from .metrics import PhaseTimer, step_metrics
+from .metrics import PhaseTimer, reward_function_metrics, step_metrics
 from .model.forward import CachedPrefixForward, FullForward, PreparedBatch
 from .model.head import LogProbHead
 from .model.layout import decoder_layers, freeze_except, layers_label, load_model
 from .model.quant import quantize_frozen, resolve_quant
 from .model.reference import frozen_copy, initial_values, swapped_in
-from .objective import group_advantages, per_token_loss, tis_weights, token_weights
+from .objective import BatchTotals, group_advantages, per_token_loss, tis_weights, token_weights
 from .optim import build_optimizer, grad_tensors
 from .rollout import build_engine
 from .rollout.base import RolloutEngine
+from .rollout.capture import resolve_prefix_source
 from .sizes import parse_size
 from .sync.check import TOLERANCE, check_sync, sync_sequence
 from .tasks import Example, RewardBatch, Task, reward_set_of, task_from_config
@@ -42,6 +45,10 @@ class Trainer:
     def __init__(self, config: TrainConfig, task: Task | None = None, engine: RolloutEngine | None = None):
         self.config = config.validate()
         m, rl = config.model, config.rl
+        self.world = setup(m.device)  # under torchrun: this rank's place in the job (else a world of one)
+        if self.world.size > 1 and rl.prompts_per_step < self.world.size:
+            raise ConfigError(f"--prompts-per-step {rl.prompts_per_step} is below the {self.world.size} ranks: "
+                              "each rank needs at least one prompt (a whole GRPO group)")
         self.task = task_from_config(config.task, task)
         self.model, self.tokenizer = load_model(m.model, m.dtype, m.device, m.attn_implementation)
         self.device = next(self.model.parameters()).device
@@ -62,7 +69,16 @@ class Trainer:
         self.head = LogProbHead(self.model.lm_head, config.rollout.temperature, m.fused_loss, self.kernels)
         self.reference = None if rl.beta == 0 else (
             frozen_copy(self.model) if rl.reference == "copy" else initial_values(self.trained))
+        self.tp = config.rollout.vllm_tensor_parallel_size  # ranks per rollout engine (GPU, torchrun)
+        check_tensor_parallel(self.tp, self.device.type, config.rollout.rollout, self.world)
         self.engine = engine or build_engine(config.rollout, m.model, self.model, self.tokenizer, config.run.seed)
+        if getattr(self.engine, "tensor_parallel_size", 1) != self.tp:
+            raise ConfigError(f"--vllm-tensor-parallel-size {self.tp}: the rollout engine passed in spans "
+                              f"{getattr(self.engine, 'tensor_parallel_size', 1)} GPU(s)")
+        # --prefix-source: "rollout" has the engine capture the states entering the lowest trained layer
+        self.prefix_source = resolve_prefix_source(m.prefix_source, self.engine, getattr(self.forward, "start", None),
+                                                   self.model.dtype, self.device, self.quant,
+                                                   getattr(self.forward, "budget_bytes", None))
         self.sync_ids = sync_sequence(self.tokenizer, self.task, self.renderer) if config.rollout.check_sync else None
         if self.sync_ids is not None and self.quant != "none":
             raise ConfigError("--check-sync compares with the trainer's unquantized forward: use --quant none")
@@ -70,7 +86,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / rl.warmup_steps) if rl.warmup_steps else 1.0)
         self.sampler = PromptSampler(len(self.task.train), config.run.seed)
-        self.step_count, self.push_bytes = 0, 0
+        self.step_count, self.push_bytes, self.allreduce_bytes = 0, 0, 0
         self.skipped_steps, self.consecutive_skips = 0, 0  # steps skipped for a non-finite loss or gradient
         self.last_batch: StepBatch | None = None  # the latest step's batch (its inputs freed): --log-completions
 
@@ -78,9 +94,11 @@ class Trainer:
         """One GRPO step on a fresh rollout batch; returns its metrics line."""
         rl = self.config.rl
         reset_peak(self.device)
+        self.allreduce_bytes = 0
         timer = PhaseTimer()
         examples = self.next_examples()
         rollouts = self.generate(examples)  # sample
+        examples, rollouts = self.training_share(examples, rollouts)  # a multi-GPU engine's ranks split its batch
         timer.mark("rollout_s")
         sb = self.last_batch = self.score(rollouts, examples)  # rewards, advantages, micro-batches, token weights
         timer.mark("reward_s")
@@ -101,23 +119,43 @@ class Trainer:
         timer.mark("push_s")
         self.step_count += 1
         self.count_skip(passes[-1]["skipped"])  # RunError after --max-consecutive-skips in a row
-        return step_metrics(self.step_count, sb, passes, timer.phases, shared_micro_batches=shared,
-                            learning_rate=self.scheduler.get_last_lr()[0], push_bytes=self.push_bytes,
-                            skipped_steps=self.skipped_steps, peak_mem_bytes=peak_bytes(self.device))
+        metrics = step_metrics(self.step_count, sb, passes, timer.phases, shared_micro_batches=shared,
+                               learning_rate=self.scheduler.get_last_lr()[0], push_bytes=self.push_bytes,
+                               skipped_steps=self.skipped_steps, peak_mem_bytes=peak_bytes(self.device))
+        return self._global_metrics(metrics, sb) if self.world.size > 1 else metrics
 
     # -- the stages, in step order -------------------------------------------------------------------
 
     def next_examples(self) -> list[Example]:
-        """This step's prompts, in the seeded order (a resumed run continues it)."""
+        """This step's prompts, in the seeded order (a resumed run continues it); under torchrun this rank's
+        contiguous share of them, so each rank samples and scores whole GRPO groups."""
         n = self.config.rl.prompts_per_step
-        return [self.task.train[i] for i in self.sampler.take(self.step_count * n, n)]
+        order = self.sampler.take(self.step_count * n, n)
+        return [self.task.train[order[i]] for i in self.world.engine_group(self.tp).shard(n)]
+
+    def training_share(self, examples: list[Example], rollouts: Rollouts) -> tuple[list[Example], Rollouts]:
+        """With --vllm-tensor-parallel-size the ranks of one engine sampled the same prompts together; each
+        keeps its contiguous part of them (whole groups) to train on. One rank per engine: all of them."""
+        if self.tp == 1:
+            return examples, rollouts
+        n = self.config.rl.num_generations
+        part = self.world.within_engine_group(self.tp).shard(len(examples))
+        a, b = part.start, part.stop
+        states = rollouts.states
+        if states is not None:
+            states = dataclasses.replace(states, prompts=states.prompts[a:b],
+                                         completions=states.completions[a * n:b * n])
+        logprobs = rollouts.sampling_logprobs
+        return examples[a:b], dataclasses.replace(
+            rollouts, prompt_ids=rollouts.prompt_ids[a * n:b * n], completion_ids=rollouts.completion_ids[a * n:b * n],
+            sampling_logprobs=None if logprobs is None else logprobs[a * n:b * n], states=states)
 
     def generate(self, examples: list[Example]) -> Rollouts:
         """Completions for this step's prompts, seeded by (seed, step) so a resumed run samples the same."""
         rl, ro = self.config.rl, self.config.rollout
         prompts = self.renderer.token_ids(examples)  # rendered once (chat template): every engine samples these ids
         return self.engine.generate(prompts, rl.num_generations, self.max_completion_length,
-                                    ro.temperature, ro.top_p, seed=self.config.run.seed * 1_000_003 + self.step_count)
+                                    ro.temperature, ro.top_p, seed=self._rollout_seed())
 
     def score(self, rollouts: Rollouts, examples: list[Example]) -> StepBatch:
         """Rewards (each reward function's, in TRL's convention, and their weighted sum) and correctness of the
@@ -130,13 +168,17 @@ class Trainer:
         correct = torch.tensor([self.task.is_correct(t, e) for t, e in zip(texts, per_row)], dtype=torch.float32)
         batch = collate(rollouts, self.tokenizer.pad_token_id, self.device)
         micro = self.forward.pack(batch, n, rl.micro_batch_size)
-        return StepBatch(batch, rewards, correct, group_advantages(rewards, n, rl.scale_rewards).to(self.device),
-                         micro, token_weights(batch.completion_mask, rl.loss_type, self.max_completion_length, micro),
+        weights = token_weights(batch.completion_mask, rl.loss_type, self.max_completion_length, micro,
+                                self._batch_totals(batch.completion_mask, micro))
+        return StepBatch(batch, rewards, correct, self._advantages(rewards).to(self.device), micro, weights,
                          function_rewards=scores.per_function, prompts=[e.prompt for e in per_row], completions=texts)
 
     def attach_prefix(self, sb: StepBatch) -> PreparedBatch:
-        """Prepare every micro-batch once for all passes (the cached frozen prefix, or plain sub-batches)."""
-        sb.inputs = self.forward.prepare(sb.batch, sb.micro_batches)
+        """Prepare every micro-batch once for all passes (the cached frozen prefix, or plain sub-batches); with
+        --prefix-source rollout, from the states the engine captured while sampling (no frozen-prefix pass)."""
+        states, sb.batch.states = sb.batch.states, None  # consumed here: the prepared entries hold what is needed
+        use = states if self.prefix_source == "rollout" else None
+        sb.inputs = self.forward.prepare(sb.batch, sb.micro_batches, use)
         return sb.inputs
 
     @torch.no_grad()
@@ -172,6 +214,8 @@ class Trainer:
         """
         self.optimizer.zero_grad(set_to_none=True)
         stats: dict[str, Any] = self.accumulate_gradients(sb, iteration)
+        # under torchrun: the trained layers' gradients (fp32 masters for a bf16 model), one flat bucket
+        self.allreduce_bytes += all_reduce_gradients(grad_tensors(self.optimizer))
         stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(grad_tensors(self.optimizer),
                                                                    self.config.rl.max_grad_norm))
         stats["skipped"] = not (math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"]))
@@ -228,7 +272,11 @@ class Trainer:
             totals["kl"] += float((tl.kl.detach() * mask).sum())
             totals["clip"] += float((tl.clipped.float() * mask).sum())
         self.model.eval()
-        ntok = float(sb.batch.completion_mask.sum().clamp(min=1))
+        ntok = float(sb.batch.completion_mask.sum())
+        if self.world.size > 1:  # the whole batch's loss and token counts (each rank holds its share)
+            totals["loss"], totals["kl"], totals["clip"], ntok = all_reduce_sum(
+                [totals["loss"], totals["kl"], totals["clip"], ntok])
+        ntok = max(ntok, 1.0)
         return {"loss": totals["loss"], "kl": totals["kl"] / ntok, "clip_ratio": totals["clip"] / ntok}
 
     def check_sync(self) -> float | None:
@@ -243,7 +291,8 @@ class Trainer:
     def rollout_batch(self) -> StepBatch:
         """Sample and score the next rollout batch (the first stages of `step`)."""
         examples = self.next_examples()
-        return self.score(self.generate(examples), examples)
+        examples, rollouts = self.training_share(examples, self.generate(examples))
+        return self.score(rollouts, examples)
 
     def trained_state(self) -> dict[str, torch.Tensor]:
         """The trained parameters by checkpoint name (what a checkpoint and a weight push carry)."""
@@ -300,6 +349,51 @@ class Trainer:
     def _epsilon_high(self) -> float:
         rl = self.config.rl
         return rl.epsilon_high if rl.epsilon_high is not None else rl.epsilon
+
+    # -- data-parallel (torchrun): each rank holds whole GRPO groups of the step ------------------------
+
+    def _rollout_seed(self) -> int:
+        """Seeded by (seed, step) so a resumed run samples the same; each rank its own stream (rank 0, and a
+        single process, the one it always had)."""
+        return self.config.run.seed * 1_000_003 + self.step_count + self.world.engine_group(self.tp).rank * 7_919
+
+    def _advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        """Group advantages stay on the rank; --scale-rewards batch divides by the std of the WHOLE batch's
+        rewards, so it gathers them (ranks hold consecutive prompts: rank order is batch order)."""
+        rl = self.config.rl
+        if self.world.size == 1 or rl.scale_rewards != "batch":
+            return group_advantages(rewards, rl.num_generations, rl.scale_rewards)
+        parts = gather_objects(rewards.tolist())
+        start = sum(len(p) for p in parts[: self.world.rank])
+        everyone = torch.tensor([r for p in parts for r in p], dtype=rewards.dtype)
+        return group_advantages(everyone, rl.num_generations, rl.scale_rewards)[start:start + len(rewards)]
+
+    def _batch_totals(self, mask: torch.Tensor, micro: list[list[int]]) -> BatchTotals | None:
+        """The whole batch's sequence, token and micro-batch counts for the loss normalisers (None in a
+        single process: the batch is the whole batch)."""
+        if self.world.size == 1:
+            return None
+        seqs, tokens, micros = all_reduce_sum([mask.shape[0], float(mask.sum()), len(micro)])
+        return BatchTotals(int(seqs), int(tokens), int(micros))
+
+    def _global_metrics(self, metrics: dict[str, Any], sb: StepBatch) -> dict[str, Any]:
+        """Replace the rank's own reward, accuracy and length figures by the whole batch's, and add
+        world_size and allreduce_bytes (loss, KL, clip ratio and grad norm are global already)."""
+        mine = {"rewards": sb.rewards.tolist(), "correct": sb.correct.tolist(),
+                "lengths": sb.batch.completion_mask.sum(dim=1).tolist(), "tokens": int(sb.batch.attention_mask.sum()),
+                "functions": {k: list(v) for k, v in sb.function_rewards.items()}}
+        parts = gather_objects(mine)
+        rewards = torch.tensor([r for p in parts for r in p["rewards"]], dtype=torch.float32)
+        lengths = torch.tensor([n for p in parts for n in p["lengths"]], dtype=torch.float32)
+        functions = {k: [v for p in parts for v in p["functions"][k]] for k in mine["functions"]}
+        tokens = sum(p["tokens"] for p in parts)
+        metrics.update({"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+                        **reward_function_metrics(functions),
+                        "accuracy": sum(c for p in parts for c in p["correct"]) / len(rewards),
+                        "completion_length": float(lengths.mean()),
+                        "tokens_per_s": tokens / metrics["step_time_s"] if metrics["step_time_s"] > 0 else math.nan,
+                        "world_size": self.world.size, "allreduce_bytes": self.allreduce_bytes})
+        return metrics
 
     @torch.no_grad()
     def batch_logprobs(self, sb: StepBatch, forward: CachedPrefixForward | FullForward, inputs: PreparedBatch,

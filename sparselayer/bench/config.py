@@ -13,8 +13,10 @@ PRESETS = {
     "qwen3-8b": dict(num_layers=36, hidden=4096, intermediate=12288, vocab=151936, heads=32, kv_heads=8, layer=16,
                      quant="nf4", variants="sparse"),
 }
-# sparse-no-share: the layer-sparse step with --share-prompts off, to show what sharing a group's prompt adds
-VARIANTS = ("full", "sparse", "sparse-no-share")
+# sparse-no-share: the layer-sparse step with --share-prompts off, to show what sharing a group's prompt adds;
+# sparse-rollout: the layer-sparse step with --prefix-source rollout (no frozen-prefix pass in the trainer)
+VARIANTS = ("full", "sparse", "sparse-no-share", "sparse-rollout")
+CAPTURE_ENGINES = ("auto", "vllm", "hf", "none")
 
 
 @dataclass
@@ -41,7 +43,10 @@ class StepBenchConfig:
         dtype: auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16
         device: auto | cpu | cuda
         quant: frozen layers of the sparse variants: none | nf4 | int8 (the full variant has none)
-        variants: which to run, a comma list of full, sparse, sparse-no-share; the ratios need full and sparse
+        variants: which to run, a comma list of full, sparse, sparse-no-share, sparse-rollout (the prefix from the
+            rollout's captured states); the ratios need full and sparse
+        capture_engine: with sparse-rollout, the real engine that measures what capturing costs sampling (time with
+            and without it, bytes held during generation): auto (vllm where installed, else hf) | vllm | hf | none
     """
 
     num_layers: int = 24
@@ -64,11 +69,13 @@ class StepBenchConfig:
     device: str = "auto"
     quant: str = "none"
     variants: str = "full,sparse"
+    capture_engine: str = "auto"
 
 
 def parse_variants(text: str) -> list[str]:
     """'full,sparse' -> ['full', 'sparse'] (in that order); ConfigError for anything else."""
     names = [v.strip() for v in text.split(",") if v.strip()]
     if not names or any(v not in VARIANTS for v in names):
-        raise ConfigError(f"bench step: --variants takes full, sparse, sparse-no-share or a comma list, got {text!r}")
+        raise ConfigError("bench step: --variants takes full, sparse, sparse-no-share, sparse-rollout or a comma "
+                          f"list, got {text!r}")
     return [v for v in VARIANTS if v in names]

@@ -2,9 +2,11 @@
 
 `CachedPrefixForward` runs the frozen layers below the first trained layer once per rollout batch
 (`prepare`) and every pass from there up (`hidden`), sharing a group's prompt where it pays and
-spilling cached entries beyond a byte budget to CPU memory. `FullForward` runs the whole model in
-every pass, as a standard trainer does (and as `--layers all` must). Both also choose how a rollout
-batch is cut into micro-batches (`pack`): prompt sharing needs a group's rows together.
+spilling cached entries beyond a byte budget to CPU memory; where the rollout engine captured the
+states entering the first trained layer (--prefix-source rollout), `prepare` lays those out instead.
+`FullForward` runs the whole model in every pass, as a standard trainer does (and as `--layers all`
+must). Both also choose how a rollout batch is cut into micro-batches (`pack`): prompt sharing needs a
+group's rows together.
 """
 from __future__ import annotations
 
@@ -13,11 +15,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..batch import Batch
+from ..batch import Batch, CapturedStates
 from ..packing import pack_balanced, pack_groups
 from .cache_budget import PrefixBudget
 from .logprobs import completion_hidden
-from .prefix_cache import PrefixEntry, compute_prefix, hidden_from_prefix
+from .prefix_cache import PrefixEntry, compute_prefix, hidden_from_prefix, prefix_from_states
 
 
 @dataclass
@@ -42,8 +44,9 @@ class FullForward:
         """Micro-batches balanced by token count."""
         return pack_balanced(batch.lengths(), micro_batch_size)
 
-    def prepare(self, batch: Batch, micro_batches: list[list[int]]) -> PreparedBatch:
-        """The trimmed sub-batch of each micro-batch (nothing to precompute)."""
+    def prepare(self, batch: Batch, micro_batches: list[list[int]],
+                states: CapturedStates | None = None) -> PreparedBatch:
+        """The trimmed sub-batch of each micro-batch (nothing to precompute; captured `states` go unused)."""
         return PreparedBatch([batch.rows(rows) for rows in micro_batches])
 
     def hidden(self, prepared: PreparedBatch, j: int) -> tuple[torch.Tensor, Batch]:
@@ -67,12 +70,20 @@ class CachedPrefixForward:
             return pack_balanced(batch.lengths(), micro_batch_size)
         return pack_groups(batch.lengths(), group_size, micro_batch_size)
 
-    def prepare(self, batch: Batch, micro_batches: list[list[int]]) -> PreparedBatch:
-        """The frozen prefix of every micro-batch, kept on the device up to the byte budget."""
+    def prepare(self, batch: Batch, micro_batches: list[list[int]],
+                states: CapturedStates | None = None) -> PreparedBatch:
+        """The frozen prefix of every micro-batch, kept on the device up to the byte budget: computed here,
+        or laid out from the `states` the rollout engine captured entering layer `start` (no layer runs)."""
+        if states is not None and states.layer != self.start:
+            raise ValueError(f"captured states enter layer {states.layer}, the prefix ends at layer {self.start}")
         budget = PrefixBudget(self.budget_bytes, self.device)
-        entries = [budget.place(compute_prefix(self.model, batch.rows(rows), self.start, self.share_prompts))
-                   for rows in micro_batches]
+        entries = [budget.place(self._entry(batch.rows(rows), rows, states)) for rows in micro_batches]
         return PreparedBatch(entries, budget)
+
+    def _entry(self, sub: Batch, rows: list[int], states: CapturedStates | None) -> PrefixEntry:
+        if states is None:
+            return compute_prefix(self.model, sub, self.start, self.share_prompts)
+        return prefix_from_states(self.model, sub, rows, states, self.share_prompts)
 
     def hidden(self, prepared: PreparedBatch, j: int) -> tuple[torch.Tensor, Batch]:
         """Final hidden states (B' x C x H) of micro-batch j from its cached prefix, and its sub-batch."""

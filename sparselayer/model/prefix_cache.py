@@ -9,6 +9,10 @@ and every row's completion attends to its prompt's keys and values (`run_layers_
 reach the prompt part through those keys and values. Same maths as the full rows (tested to float32
 rounding), about (G*P + B*C) / (B*(P+C)) of the work. It costs a second, smaller call of every layer,
 so "auto" shares only where the saved work is worth that call (`sharing_pays`).
+
+From the rollout (--prefix-source rollout): the engine that sampled computed the same hidden states
+on its way to the next token; `prefix_from_states` lays the states it captured out as the entry
+`compute_prefix` would have built, and the frozen-prefix pass is skipped.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from ..batch import Batch
+from ..batch import Batch, CapturedStates
 from .logprobs import plain_head_logprobs
 
 
@@ -183,18 +187,25 @@ def run_layers_shared(model: nn.Module, hp: torch.Tensor, hc: torch.Tensor, shar
     return hp, hc
 
 
+def _sharing(model: nn.Module, batch: Batch, ctx: LayerContext, start: int,
+             share_prompts: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(index, first rows) of the distinct prompts where this micro-batch runs them once, else None."""
+    if share_prompts not in ("auto", "on", "off"):
+        raise ValueError(f"share_prompts must be auto, on or off, got {share_prompts!r}")
+    groups = distinct_prompts(batch) if share_prompts != "off" and _shareable(model, ctx) else None
+    if groups is not None and share_prompts == "auto" and not sharing_pays(model, batch, start, len(groups[1])):
+        return None
+    return groups
+
+
 @torch.no_grad()
 def compute_prefix(model: nn.Module, batch: Batch, start: int, share_prompts: str = "auto") -> PrefixEntry:
     """Embeddings and layers 0 .. start-1 of one micro-batch, without autograd. Rows with equal prompts
     share the prompt part with share_prompts "on" (where the attention path allows it), "auto" (also
     only where `sharing_pays`), never with "off"."""
-    if share_prompts not in ("auto", "on", "off"):
-        raise ValueError(f"share_prompts must be auto, on or off, got {share_prompts!r}")
     embeds = model.model.embed_tokens(batch.input_ids)
     ctx = layer_context(model, batch, embeds)
-    groups = distinct_prompts(batch) if share_prompts != "off" and _shareable(model, ctx) else None
-    if groups is not None and share_prompts == "auto" and not sharing_pays(model, batch, start, len(groups[1])):
-        groups = None
+    groups = _sharing(model, batch, ctx, start, share_prompts)
     if groups is None:
         return PrefixEntry(batch, ctx, run_layers(model, embeds, ctx, 0, start))
     index, first = groups
@@ -204,6 +215,31 @@ def compute_prefix(model: nn.Module, batch: Batch, start: int, share_prompts: st
     hp, hc = run_layers_shared(model, shared.hidden, embeds[:, P:], shared, completion_ctx, 0, start)
     shared.hidden = hp
     return PrefixEntry(batch, completion_ctx, hc, shared)
+
+
+@torch.no_grad()
+def prefix_from_states(model: nn.Module, batch: Batch, rows: list[int], states: CapturedStates,
+                       share_prompts: str = "auto") -> PrefixEntry:
+    """The entry `compute_prefix` builds for sub-batch `batch` (rows `rows` of the rollout batch), made from
+    the states the rollout engine captured while sampling: no layer runs. Padding positions and each row's
+    last token (never fed to the engine) hold zeros: no real position attends to them, and the positions
+    whose outputs they feed predict nothing the loss counts."""
+    P, C = batch.prompt_len, batch.input_ids.shape[1] - batch.prompt_len
+    n, sample = states.group_size, states.prompts[0]
+    device = batch.input_ids.device
+    prompt = torch.zeros((len(rows), P, sample.shape[-1]), dtype=sample.dtype, device=device)
+    completion = torch.zeros((len(rows), C, sample.shape[-1]), dtype=sample.dtype, device=device)
+    for b, r in enumerate(rows):
+        p, c = states.prompts[r // n], states.completions[r][:C]
+        prompt[b, P - p.shape[0]:] = p
+        completion[b, : c.shape[0]] = c
+    ctx = layer_context(model, batch, prompt.new_zeros(()).expand(len(rows), P + C, sample.shape[-1]))
+    groups = _sharing(model, batch, ctx, states.layer, share_prompts)
+    if groups is None:
+        return PrefixEntry(batch, ctx, torch.cat([prompt, completion], dim=1))
+    index, first = groups
+    prompt_ctx, completion_ctx = split_context(model, ctx, P, first)
+    return PrefixEntry(batch, completion_ctx, completion, SharedPrompts(index, prompt_ctx, prompt[first]))
 
 
 def hidden_from_prefix(model: nn.Module, entry: PrefixEntry, start: int, checkpoint: bool = False) -> torch.Tensor:

@@ -57,27 +57,40 @@ def _loss_type(name: str) -> LossType:
     return LOSS_TYPE_TABLE[name]
 
 
+@dataclass(frozen=True)
+class BatchTotals:
+    """Counts of the WHOLE rollout batch when it is split across ranks (data-parallel training): the
+    batch-level normalisers divide by these, so each rank's loss is its exact share of the global one."""
+
+    sequences: int
+    tokens: int
+    micro_batches: int
+
+
 def token_weights(mask: torch.Tensor, loss_type: str, max_completion_length: int,
-                  micro_batches: list[list[int]]) -> torch.Tensor:
+                  micro_batches: list[list[int]], totals: BatchTotals | None = None) -> torch.Tensor:
     """Per-token weights w (B x T) such that the batch loss is (w * per_token_loss).sum().
 
     sequence (grpo): mean over each sequence's tokens, then over sequences; batch_tokens (dapo, cispo):
     mean over all tokens of the rollout batch; max_length (dr_grpo): sum over tokens / (sequences *
     max_completion_length); micro_batch_tokens (bnpo): token mean within each micro-batch, averaged
-    over micro-batches.
+    over micro-batches. `totals`: the global batch's counts when `mask` is one rank's share (unset: this
+    batch is the whole batch).
     """
     normalization = _loss_type(loss_type).normalization
     mask = mask if mask.is_floating_point() else mask.float()
-    n = mask.shape[0]
+    n = mask.shape[0] if totals is None else totals.sequences
     if normalization == "sequence":
         return mask / mask.sum(dim=1, keepdim=True).clamp(min=1) / n
     if normalization == "batch_tokens":
-        return mask / mask.sum().clamp(min=1)
+        tokens = mask.sum() if totals is None else torch.tensor(totals.tokens, dtype=mask.dtype, device=mask.device)
+        return mask / tokens.clamp(min=1)
     if normalization == "max_length":
         return mask / (n * max_completion_length)
+    count = len(micro_batches) if totals is None else totals.micro_batches
     weights = torch.zeros_like(mask)
     for rows in micro_batches:
-        weights[rows] = mask[rows] / mask[rows].sum().clamp(min=1) / len(micro_batches)
+        weights[rows] = mask[rows] / mask[rows].sum().clamp(min=1) / count
     return weights
 
 

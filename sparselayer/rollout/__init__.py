@@ -30,7 +30,7 @@ def build_engine(ro: RolloutConfig, model_dir: str | None, model: torch.nn.Modul
     folder = check_model_dir(model_dir)
     if ro.rollout_url:  # `sparselayer serve` elsewhere: rollouts over HTTP, layer deltas pushed to it
         from .remote import RemoteRolloutEngine
-        return RemoteRolloutEngine(ro.rollout_url, tokenizer, base_model=folder)
+        return RemoteRolloutEngine(ro.rollout_url, tokenizer, base_model=folder, api_key=ro.rollout_api_key)
     if choice == "auto":  # SPARSELAYER_AUTO_ROLLOUT=hf (set by the test suite) skips vLLM
         choice = os.environ.get("SPARSELAYER_AUTO_ROLLOUT", "auto")
     plan = plan_serving(folder, device.type) if choice in ("auto", "vllm") else None
@@ -45,4 +45,16 @@ def build_engine(ro: RolloutConfig, model_dir: str | None, model: torch.nn.Modul
         raise ConfigError("--rollout vllm needs the vllm package (pip install -e '.[cpu]' or '.[gpu]'), "
                           "or use --rollout hf")
     return VLLMRolloutEngine(folder, tokenizer, model.dtype, device.type, ro.max_model_len,
-                             ro.gpu_memory_utilization, ro.enforce_eager, ro.sleep_mode, seed, plan=plan)
+                             ro.gpu_memory_utilization, ro.enforce_eager, ro.sleep_mode, seed, plan=plan,
+                             launcher=_launcher(ro, device.type))
+
+
+def _launcher(ro: RolloutConfig, device_type: str) -> dict | None:
+    """vLLM's placement in a multi-GPU torchrun job (external launcher: each rank's engine on its own GPU,
+    or spanning --vllm-tensor-parallel-size ranks); None in a single process or on CPU."""
+    from ..distributed import vllm_launcher_kwargs, world
+
+    w = world()
+    if device_type != "cuda" or w.size == 1:
+        return None
+    return vllm_launcher_kwargs(ro.vllm_tensor_parallel_size, w)

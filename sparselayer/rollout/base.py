@@ -5,7 +5,8 @@ only (`sparselayer.batch.Rollouts`); the trainer turns them into padded tensors 
 `sparselayer.batch.collate`, so every engine feeds the same training step. Prompts arrive as token-id
 lists (the trainer renders every prompt once, chat template included, so that every engine samples
 from the same tokens) or as text, which an engine tokenizes without special tokens
-(`prompt_token_ids`).
+(`prompt_token_ids`). An engine that can also returns the residual stream entering the lowest trained
+layer, which it computes anyway while sampling (`capture_support`, `set_capture`; rollout/capture.py).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from ..batch import Batch, Rollouts, collate  # Batch, collate: re-exported for code written against this module
+from .capture import CaptureSpec, CaptureSupport
 
 __all__ = ["Batch", "EnginePrompt", "RolloutEngine", "Rollouts", "collate", "prompt_token_ids"]
 
@@ -39,6 +41,15 @@ class RolloutEngine(ABC):
     @abstractmethod
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Load the given tensors (checkpoint names) into the engine's model; return bytes received."""
+
+    def capture_support(self, dtype: torch.dtype, quant: str) -> CaptureSupport:
+        """Whether this engine can return, with each rollout, the residual stream entering a decoder layer with
+        the trainer's numerics (`dtype`, frozen layers quantized by `quant`); none by default."""
+        return CaptureSupport(unavailable=f"the {type(self).__name__} rollout engine does not capture hidden states")
+
+    def set_capture(self, spec: CaptureSpec | None) -> None:
+        """Capture `spec.layer`'s input while sampling (Rollouts.states) from now on; None: stop capturing."""
+        raise NotImplementedError(f"{type(self).__name__} does not capture hidden states")
 
     def close(self) -> None:  # noqa: B027 (optional hook: engines without resources keep the default)
         """Release what the engine holds (a vLLM engine, an HTTP client); nothing by default."""

@@ -1,7 +1,9 @@
 """Rollouts from an in-process (colocated) vLLM engine, kept in sync by layer-delta weight pushes.
 
 vLLM is imported only when this engine is built, so `import sparselayer` works without it.
-The engine runs in the trainer's dtype (float32 on CPU, where vLLM's CPU backend supports it).
+The engine runs in the trainer's dtype (float32 on CPU, where vLLM's CPU backend supports it). With
+capture on, a hook inside vLLM's worker records the residual stream entering the lowest trained layer
+while it samples (`vllm_capture`).
 """
 from __future__ import annotations
 
@@ -9,21 +11,27 @@ import atexit
 import logging
 import os
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from ..batch import CapturedStates
 from ..errors import ConfigError
 from ..sync.changes import ChangeTracker
 from ..sync.vllm_layout import ServingPlan, head_dim_of, plan_serving, write_padded_model
 from ..sync.vllm_push import LAYER_RE, load_scoped, owning_modules, reload_full
+from . import vllm_capture
 from .base import EnginePrompt, RolloutEngine, Rollouts, prompt_token_ids
+from .capture import CaptureSpec, CaptureSupport
 from .hf import cut_at_eos
 
 CPU_KV_TOKENS = 32768  # KV-cache size on CPU, in tokens (vLLM's memory fraction means host RAM there)
+CPU_BATCH_TOKENS = 4096  # tokens per forward on CPU (vLLM's default for LLM), raised to the context length
 
 
 def vllm_importable() -> bool:
@@ -43,8 +51,13 @@ class VLLMRolloutEngine(RolloutEngine):
 
     def __init__(self, model_dir: str | Path, tokenizer, dtype: torch.dtype = torch.float32, device: str = "cpu",
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.3, enforce_eager: bool = True,
-                 sleep_mode: bool = False, seed: int = 0, plan: ServingPlan | None = None):
-        """`plan`: the folder's serving plan when the caller has made it already (read here otherwise)."""
+                 sleep_mode: bool = False, seed: int = 0, plan: ServingPlan | None = None,
+                 launcher: dict[str, Any] | None = None):
+        """`plan`: the folder's serving plan when the caller has made it already (read here otherwise);
+        `launcher`: vLLM arguments that place this engine in a torchrun job (`distributed.vllm_launcher_kwargs`:
+        tensor-parallel size, data-parallel size, the external launcher), None in a single process."""
+        self.launcher = dict(launcher or {})
+        self.tensor_parallel_size = int(self.launcher.get("tensor_parallel_size", 1))
         self.folder, self.tokenizer, self.dtype, self.device = Path(model_dir), tokenizer, dtype, device
         plan = plan_serving(self.folder, device) if plan is None else plan
         if plan.problem:
@@ -54,6 +67,8 @@ class VLLMRolloutEngine(RolloutEngine):
         if self.serve_dir != self.folder:
             atexit.register(shutil.rmtree, self.serve_dir, True)
         self.sleep_mode = sleep_mode and device != "cpu"  # vLLM's sleep mode needs a GPU
+        self.enforce_eager, self.capture = enforce_eager, None
+        self.last_capture: dict[str, float] = {}  # bytes recorded during the last capturing call, assembly time
         self.tracker = ChangeTracker(dtype)
         self.last_push: dict[str, float] = {}
         self.llm = self._start(config, max_model_len, gpu_memory_utilization, enforce_eager, seed)
@@ -71,8 +86,12 @@ class VLLMRolloutEngine(RolloutEngine):
                       enable_sleep_mode=self.sleep_mode, use_tqdm_on_load=False)
         if self.device == "cpu":
             kwargs["kv_cache_memory_bytes"] = max(CPU_KV_TOKENS, max_len) * self._kv_bytes_per_token(config)
+            # whole prompts per forward: a seeded request whose prefill is split fails on CPU in vLLM 0.32
+            # ("CPU Generator does not use offset"), as soon as a batch's prompts pass 4096 tokens
+            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(CPU_BATCH_TOKENS, max_len))
         else:
             kwargs["gpu_memory_utilization"] = memory
+        kwargs.update(self.launcher)
         set_threads, threads = torch.set_num_threads, torch.get_num_threads()
         try:
             return LLM(**kwargs)
@@ -87,9 +106,29 @@ class VLLMRolloutEngine(RolloutEngine):
         kv_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
         return 2 * config["num_hidden_layers"] * kv_heads * head * torch.finfo(self.dtype).bits // 8
 
+    def capture_support(self, dtype: torch.dtype, quant: str) -> CaptureSupport:
+        """Hooks run only in eager mode; the states are the trainer's own (to float32 rounding) only where vLLM
+        runs float32 on CPU, in the trainer's dtype, and the trainer's frozen layers are not quantized."""
+        if not self.enforce_eager:
+            return CaptureSupport(unavailable="vLLM runs the model as CUDA graphs / torch.compile "
+                                  "(--no-enforce-eager), where hooks on a layer do not run")
+        if quant != "none":
+            return CaptureSupport(mismatch=f"the trainer's frozen layers are quantized (--quant {quant}), vLLM's not")
+        if dtype != self.dtype or self.dtype != torch.float32 or self.device != "cpu":
+            return CaptureSupport(mismatch=f"vLLM {self.device} {self.dtype} kernels differ from the trainer's "
+                                  "by more than float32 rounding")
+        return CaptureSupport()
+
+    def set_capture(self, spec: CaptureSpec | None) -> None:
+        """Hook `spec.layer` inside vLLM's worker (recording only during sampling calls); None: stop."""
+        self.capture = spec
+        if spec is not None:
+            self.llm.collective_rpc(vllm_capture.install, args=(spec.layer, spec.dtype))
+
     def generate(self, prompts: Sequence[EnginePrompt], num_generations: int, max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, greedy: bool = False) -> Rollouts:
-        """Sample with vLLM from token-id prompts (text prompts are tokenized here, without special tokens)."""
+        """Sample with vLLM from token-id prompts (text prompts are tokenized here, without special tokens);
+        with capture on (not greedy: evaluation trains nothing), Rollouts.states holds the captured states."""
         from vllm import SamplingParams
 
         ids = prompt_token_ids(self.tokenizer, prompts)
@@ -97,8 +136,13 @@ class VLLMRolloutEngine(RolloutEngine):
         params = [SamplingParams(n=n, max_tokens=max_new_tokens, seed=seed * 100_003 + i,
                                  temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
                                  logprobs=0, detokenize=False) for i in range(len(ids))]
+        capture = None if greedy else self.capture
         self._wake()
+        if capture is not None:  # every position of this call computed in this call, none from an earlier one
+            self.llm.reset_prefix_cache()
+            self.llm.collective_rpc(vllm_capture.start)
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)
+        chunks = self.llm.collective_rpc(vllm_capture.stop)[0] if capture is not None else []
         self._sleep()
         rows, completions, logps = [], [], []
         for prompt, out in zip(ids, outputs):
@@ -107,7 +151,29 @@ class VLLMRolloutEngine(RolloutEngine):
                 rows.append(prompt)
                 completions.append(tokens)
                 logps.append([step[t].logprob for step, t in zip(sample.logprobs, tokens)])
-        return Rollouts(prompt_ids=rows, completion_ids=completions, sampling_logprobs=logps)
+        states = None if capture is None else self._captured(chunks, ids, outputs, completions, n, capture)
+        return Rollouts(prompt_ids=rows, completion_ids=completions, sampling_logprobs=logps, states=states)
+
+    def _captured(self, chunks: list, ids: list[list[int]], outputs: list, completions: list[list[int]], n: int,
+                  spec: CaptureSpec) -> CapturedStates | None:
+        """The rows' states from what the hook recorded (None, with a notice, where a position is missing: the
+        trainer then computes its own prefix)."""
+        t0 = time.perf_counter()
+        sequences, rows, groups = {}, [], []
+        for prompt, out in zip(ids, outputs):
+            for sample in sorted(out.outputs, key=lambda s: s.index):
+                rid = f"{sample.index}_{out.request_id}" if n > 1 else out.request_id
+                sequences[rid] = prompt + list(sample.token_ids)
+                rows.append((rid, len(prompt), len(completions[len(rows)])))
+            groups.append((rows[-n][0], len(prompt)))
+        try:
+            states = vllm_capture.assemble(chunks, sequences, rows, groups, spec)
+        except vllm_capture.MissingStates as e:
+            print(f"sparselayer: the trainer computes this batch's prefix itself ({e})", file=sys.stderr)
+            states = None
+        self.last_capture = {"bytes": float(sum(c.states.numel() * c.states.element_size() for c in chunks)),
+                             "seconds": time.perf_counter() - t0}
+        return states
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Push the tensors that changed since the last push into vLLM's model; return their bytes."""
