@@ -149,7 +149,8 @@ def test_sparse_push_changes_generations_to_the_new_weights(server, tokenizer):
     assert (served - expected).abs().max() < 0.05
     assert (served - _hf_logprobs(model_dir, original, SEQUENCE)).abs().max() > 0.2  # the push mattered
     after = engine.generate(["12+34="], 4, 8, seed=3)
-    assert after.completion_ids != before.completion_ids
+    # near-uniform tiny model: the same seed may well sample the same tokens, but never with the same log-probs
+    assert after.sampling_logprobs != before.sampling_logprobs
     for ids, logps in zip(after.completion_ids, after.sampling_logprobs):  # sampled from the new weights
         full = tokenizer("12+34=", add_special_tokens=False)["input_ids"] + ids
         ref = _hf_logprobs(model_dir, changed, full)[-len(ids):]

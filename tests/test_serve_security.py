@@ -407,7 +407,7 @@ def _wait_for(predicate, timeout: float = 120.0) -> None:
 
 @pytest.mark.slow
 def test_push_waits_for_the_generation_in_flight(served, tok):
-    """A push sent while a streamed request of 256 completions is in flight waits until its response ends:
+    """A push sent while a streamed request of 128 completions is in flight waits until its response ends:
     every token of every completion comes from the version the response names; a generation sent while the
     push waits gets the new version. (The old server mixed old and new weights within a completion.)"""
     url, model_dir = served
@@ -418,9 +418,9 @@ def test_push_waits_for_the_generation_in_flight(served, tok):
     g = torch.Generator().manual_seed(1)
     moved = {n: t.float() + (torch.rand(t.shape, generator=g) < 0.05) * 0.5 if t.dim() == 2 else t.float()
              for n, t in layer.items()}
-    # 256 completions of 50 tokens with top-20 log-probs: seconds of generation, and a response (several MB)
-    # larger than the socket buffers between server and test, so it stays in flight until the test reads it
-    prompt, n, length = tok("12+34=", add_special_tokens=False)["input_ids"], 256, 50
+    # 128 completions of 50 tokens with top-20 log-probs: seconds of generation, and a response (about 5 MB)
+    # larger than the socket buffers between server and test (under 3 MB), so it stays in flight until read
+    prompt, n, length = tok("12+34=", add_special_tokens=False)["input_ids"], 128, 50
     body = {"model": engine._model(), "prompt": [prompt], "n": n, "max_tokens": length, "ignore_eos": True,
             "temperature": 1.0, "top_p": 1.0, "seed": 5, "logprobs": 20, "return_token_ids": True, "stream": True,
             **PLAIN}
@@ -434,7 +434,8 @@ def test_push_waits_for_the_generation_in_flight(served, tok):
         info = _health(url)
         assert info["generations_in_flight"] == 1 and info["version"] == version
         after = pool.submit(later.generate, ["12+34="], 2, 4)  # waits for the push, which waits for the stream
-        ids, logps = _stream_choices(stream.read_all(), n)
+        lines = stream.read_all()
+        ids, logps = _stream_choices(lines, n)
         assert push.result(timeout=300) > 0 and pusher.last_push["version"] == version + 1
         after.result(timeout=300)
     assert later.weights_version == version + 1
