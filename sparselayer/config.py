@@ -102,7 +102,9 @@ class ModelConfig:
             CPU, 1e10 on CUDA)
         prefix_source: where the residual stream entering the lowest trained layer comes from: rollout (captured
             by the rollout engine while it samples: the trainer's frozen-prefix pass is skipped) | trainer (the
-            trainer's own frozen-prefix pass) | auto (rollout where the engine's numerics match the trainer's)
+            trainer's own frozen-prefix pass) | auto (rollout with an in-process vLLM engine whose numerics match
+            the trainer's: same dtype, eager, no quantization on one side only; transformers' generate captures
+            only with rollout)
     """
 
     model: str | None = None
