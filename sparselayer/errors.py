@@ -1,4 +1,12 @@
 """User-facing errors: the CLI prints one line for these and exits non-zero, never a traceback."""
+from __future__ import annotations
+
+from typing import Any
+
+
+def first_line(text: Any) -> str:
+    """First non-empty line of a message (stripped; "" when there is none), so errors stay one line."""
+    return next((line.strip() for line in str(text).splitlines() if line.strip()), "")
 
 
 class SparseLayerError(Exception):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..data import DEFAULT_MODEL_DIR
-from ..errors import ConfigError, ModelError
+from ..errors import ConfigError, ModelError, first_line
 from .layer_select import is_selection, select_layers
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
@@ -92,7 +92,7 @@ def load_model(path: str | Path | None, dtype: str = "auto", device: str = "auto
             attn_implementation=resolve_attn(attn_implementation, dev), output_loading_info=True,
             ignore_mismatched_sizes=True)  # reported by check_weights_cover, one line
     except Exception as exc:  # corrupt weights, shape mismatches, tokenizer errors: all input problems here
-        raise ModelError(f"could not load model from {folder}: {_first_line(exc)}") from None
+        raise ModelError(f"could not load model from {folder}: {first_line(exc) or type(exc).__name__}") from None
     check_weights_cover(folder, info)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -121,10 +121,6 @@ def _span(layers: list[int]) -> str:
         return f"{layers[0]}-{layers[-1]}"
     return ",".join(map(str, layers))
 
-
-def _first_line(exc: BaseException) -> str:
-    """An exception's first non-empty message line (errors stay one line)."""
-    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -23,7 +23,7 @@ from typing import Any
 
 import jinja2
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, first_line
 from .base import Example, ListTask, Prompt, Task
 
 ROLES = ("system", "user", "assistant", "tool")  # the roles chat templates of Qwen, Llama and TRL's data know
@@ -84,22 +84,18 @@ def read_template(spec: str) -> str:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read chat template file {spec}: {_first_line(e)}") from None
+        raise ConfigError(f"cannot read chat template file {spec}: {first_line(e)}") from None
     if not text.strip():
         raise ConfigError(f"chat template file {spec} is empty")
     return text
 
 
-def _first_line(text: Any) -> str:
-    """First non-empty line of a message, so errors stay one line."""
-    return next((line.strip() for line in str(text).splitlines() if line.strip()), "")
-
 
 def _template_failure(e: Exception) -> str:
     """A template's exception as one line: Jinja syntax errors with their line number."""
     if isinstance(e, jinja2.TemplateSyntaxError):
-        return f"syntax error at line {e.lineno}: {_first_line(e.message)}"
-    message = _first_line(e)
+        return f"syntax error at line {e.lineno}: {first_line(e.message)}"
+    message = first_line(e)
     return f"{type(e).__name__}: {message}" if message else type(e).__name__
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sparselayer.errors import ConfigError, DataError
+from sparselayer.errors import ConfigError, DataError, first_line
 from sparselayer.tasks.base import Example, ListTask, Prompt
 from sparselayer.tasks.chat import conversation_problem, plain_conversation
 from sparselayer.tasks.math_answers import answers_match
@@ -61,10 +61,6 @@ class Source:
 
 # -- reading -----------------------------------------------------------------------------------------
 
-
-def _first_line(text: Any) -> str:
-    """First non-empty line of a message, so errors stay one line."""
-    return next((line.strip() for line in str(text).splitlines() if line.strip()), "")
 
 
 def read_source(data: Any) -> Source:
@@ -104,7 +100,7 @@ def _read_jsonl(path: Path) -> list[Row]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read data file {path}: {_first_line(e)}") from None
+        raise DataError(f"cannot read data file {path}: {first_line(e)}") from None
     if not text.strip():
         raise DataError(f"data file {path} is empty")
     if text.lstrip().startswith("["):
@@ -146,7 +142,7 @@ def _read_parquet(path: Path) -> list[Row]:
     try:
         rows = pq.read_table(path).to_pylist()
     except Exception as e:  # pyarrow raises several types for corrupt / non-Parquet files
-        raise DataError(f"cannot read Parquet file {path}: {_first_line(e)}") from None
+        raise DataError(f"cannot read Parquet file {path}: {first_line(e)}") from None
     return [(f"row {i}", row) for i, row in enumerate(rows, start=1)]
 
 
@@ -161,10 +157,10 @@ def _read_csv(path: Path) -> list[Row]:
                     raise DataError(f"{path} row {number}: more cells than the header has columns")
                 rows.append((f"row {number}", row))
     except csv.Error as e:
-        detail = _too_much_text() if "field larger than field limit" in str(e) else _first_line(e)
+        detail = _too_much_text() if "field larger than field limit" in str(e) else first_line(e)
         raise DataError(f"{path} row {len(rows) + 1}: {detail}") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read data file {path}: {_first_line(e)}") from None
+        raise DataError(f"cannot read data file {path}: {first_line(e)}") from None
     finally:
         csv.field_size_limit(previous)
     return rows
@@ -176,7 +172,7 @@ def _read_folder(path: Path) -> Source:
     try:
         data = datasets.load_from_disk(str(path))
     except Exception as e:  # FileNotFoundError for other folders, JSON and Arrow errors for damaged ones
-        raise DataError(f"{path} is not a dataset folder written by datasets' save_to_disk: {_first_line(e)}") \
+        raise DataError(f"{path} is not a dataset folder written by datasets' save_to_disk: {first_line(e)}") \
             from None
     return _from_datasets_object(data, str(path))
 

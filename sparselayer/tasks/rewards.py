@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import TaskConfig
-from ..errors import ConfigError, RewardError
+from ..errors import ConfigError, RewardError, first_line
 from .base import Example, Task
 
 DEFAULT_FORMAT_PATTERN: str = TaskConfig.format_pattern  # <think>...</think>, then a non-empty answer
@@ -40,10 +40,6 @@ TASK_REWARD_NAME = "task"  # the metrics name of a task's own reward (no --rewar
 
 # -- one-line errors -------------------------------------------------------------------------------
 
-
-def first_line(text: Any) -> str:
-    """First non-empty line of a message, so errors stay one line."""
-    return next((line.strip() for line in str(text).splitlines() if line.strip()), "")
 
 
 def describe(exc: BaseException) -> str:
