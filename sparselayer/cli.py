@@ -188,8 +188,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0  # under torchrun rank 0 prints the result
     base, final = summary.get("base_accuracy"), summary.get("final_accuracy")
     line = f"trained {summary['layers']} for {summary['steps']} steps in {summary['train_time_s']:.0f}s"
+    measure = "episode success" if config.task.env or config.task.task == "chain" else "accuracy"  # multi-turn
     if base is not None and final is not None:
-        line += f"; held-out accuracy {base:.1%} -> {final:.1%} ({(final - base) * 100:+.1f} points)"
+        line += f"; held-out {measure} {base:.1%} -> {final:.1%} ({(final - base) * 100:+.1f} points)"
     if config.run.eval_steps and "best_eval" in summary:
         best = summary["best_eval"]
         line += f"\nbest held-out accuracy {best['accuracy']:.1%} at step {best['step']}"

@@ -22,10 +22,11 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .objective import LOSS_TYPES, SCALE_REWARDS
+from .objective import ADVANTAGES, IS_LEVELS, IS_MODES, LOSS_TYPES, SCALE_REWARDS
 from .sizes import parse_size
 
 QUANT_MODES = ("none", "nf4", "int8")  # --quant besides auto (sparselayer.model.quant runs them)
+LR_SCHEDULERS = ("constant", "linear", "cosine")  # --lr-scheduler-type (sparselayer.optim.lr_factor runs them)
 
 
 def check_quant_layers(mode: str, trains_all: bool) -> None:
@@ -129,7 +130,17 @@ class TaskConfig:
     r"""Where prompts and rewards come from.
 
     Fields:
-        task: built-in task name (arithmetic); unset: arithmetic unless --dataset is given
+        task: built-in task name: arithmetic, or chain (multi-turn: a running total, one addition per turn;
+            docs/environments.md); unset: arithmetic unless --dataset or --env is given
+        env: a multi-turn environment class, module:Class or path/to/file.py:Class (imported: this runs that code),
+            with reset(seed) -> observation and step(action) -> (observation, reward, done); its episodes are the
+            task (docs/environments.md); replaces --task
+        max_turns: multi-turn tasks: turns after which an episode stops unfinished (a failure)
+        history_length: multi-turn tasks: earlier (observation, action) pairs shown in each turn's prompt before
+            the current observation (0: the observation alone)
+        chain_turns: --task chain: additions per episode
+        per_turn_reward: --task chain: reward 1/turns for each right sum (off: 1 at the end of an episode whose
+            every sum is right)
         dataset: JSONL, Parquet or CSV file, or a folder written by datasets' save_to_disk: rows of prompt (text, or a
             conversation: a list of {role, content} messages) or question, an optional answer (checked with
             math-verify: GSM8K ####, \boxed{}), and any other columns, which reach reward functions; held-out
@@ -138,7 +149,9 @@ class TaskConfig:
         dataset_split: split of a dataset folder or file to train on (unset: train, else the only split)
         eval_dataset: held-out rows from another file or folder (same formats as --dataset)
         reward: one or more reward functions: a built-in (accuracy: math answer checking; format: the completion
-            matches --format-pattern) or module:function / path/to/file.py:function, which runs that code, in
+            matches --format-pattern; code_tests: the fraction of the row's tests (test_list, tests, test,
+            input_output, inputs/outputs columns) the completion's code passes in a sandbox, docs/rewards.md) or
+            module:function / path/to/file.py:function, which runs that code, in
             TRL's convention: fn(prompts=[...], completions=[...], completion_ids=[...], **columns) -> list of
             float or None (None: not applicable); unset: the task's own correctness reward
         reward_weights: weight of each --reward in the summed reward, in the same order (unset: all 1)
@@ -149,7 +162,8 @@ class TaskConfig:
         chat_template_kwargs: JSON object of extra chat-template variables, e.g. {"enable_thinking": false}
         drop_long_prompts: drop prompts whose tokens leave no room for --max-completion-length within the model's
             context, with a count on stderr (off: such a prompt is an error)
-        num_eval: held-out prompts for the base and final evaluation (and every --eval-steps)
+        num_eval: held-out prompts (multi-turn tasks: episodes) for the base and final evaluation (and every
+            --eval-steps)
     """
 
     task: str | None = None
@@ -164,6 +178,11 @@ class TaskConfig:
     chat_template_kwargs: str | None = None
     drop_long_prompts: bool = False
     num_eval: int = 500
+    env: str | None = None
+    max_turns: int = 10
+    history_length: int = 0
+    chain_turns: int = 3
+    per_turn_reward: bool = False
 
 
 @dataclass
@@ -173,18 +192,28 @@ class RLConfig:
     Fields:
         prompts_per_step: prompts per rollout batch, each sampled --num-generations times
         num_generations: completions per prompt: the GRPO group (at least 2)
-        learning_rate: AdamW learning rate of the trained layer(s), constant after --warmup-steps (embedded recipe:
-            1e-3)
+        learning_rate: AdamW learning rate of the trained layer(s), reached after --warmup-steps, then scheduled by
+            --lr-scheduler-type (embedded recipe: 1e-3)
         beta: KL coefficient (k3 estimator) towards the reference policy; 0 runs no reference pass
         epsilon: clipping range of the surrogate: the ratio is clipped to [1 - epsilon, 1 + epsilon_high]
         epsilon_high: upper clipping range (unset: --epsilon); with --loss-type cispo, which requires it, the cap on
             the importance weight itself (TRL's definition, e.g. 5)
         num_iterations: optimization passes per rollout batch; the first pass's log-probs serve as the old-policy
             log-probs unless --old-logp-pass
+        steps_per_generation: optimizer steps per rollout batch (TRL's name): its micro-batches split into this many
+            consecutive groups, one step each, normalised over its own share as TRL does; all of it repeated
+            --num-iterations times. Above 1 the old-policy log-probs come from one no-grad pass before the first step
         loss_type: grpo (sequence mean, then batch mean) | dapo (token mean over the rollout batch) | dr_grpo (token
             sum / (sequences x max completion length)) | bnpo (token mean per micro-batch, averaged) | cispo (dapo's
             normalization; the surrogate -min(ratio, epsilon_high) x advantage x log-prob with the weight detached,
-            so every token keeps its gradient; needs --epsilon-high)
+            so every token keeps its gradient; needs --epsilon-high) | sapo (grpo's normalization; a soft gate instead
+            of the clip: -sigmoid(tau (ratio - 1)) x 4 / tau x advantage)
+        importance_sampling_level: token (one ratio per token) | sequence (GSPO: one ratio per sequence, exp of the
+            mean log-ratio over its tokens), for every loss type
+        use_bias_correction_kl: with --beta > 0, the KL term is multiplied by the importance ratio (TRL's default:
+            the unbiased reverse-KL gradient)
+        sapo_temperature_pos: --loss-type sapo: the gate's temperature tau where the advantage is positive
+        sapo_temperature_neg: --loss-type sapo: tau where the advantage is zero or negative
         scale_rewards: divide advantages by the group's reward std (group), the batch's (batch) or not at all (none,
             Dr. GRPO); true/false mean group/none
         max_grad_norm: gradient-norm clipping of the trained parameters
@@ -192,11 +221,20 @@ class RLConfig:
         micro_batch_size: sequences per forward/backward; gradients accumulate over the rollout batch, micro-batches
             are balanced by token count (whole GRPO groups per micro-batch unless --share-prompts off)
         warmup_steps: linear learning-rate warm-up over this many steps
+        lr_scheduler_type: the learning rate after --warmup-steps: constant | linear (down to 0 at the run's last
+            optimizer step) | cosine (half a cosine down to 0), as transformers' schedules of those names
         optim: adamw | adamw8bit (bitsandbytes' 8-bit AdamW, CPU too); either keeps fp32 master weights of the
             trained layer(s) when the model is bf16/fp16, and checkpoints carry them
-        tis_cap: truncated importance sampling (TRL: vllm_importance_sampling_cap): each token's surrogate is
-            multiplied by min(exp(trainer log-prob - sampler log-prob), cap), detached, cap >= 1; applies when the
-            engine reports sampling log-probs (vllm, remote), a no-op with hf
+        vllm_importance_sampling_correction: weight each token's surrogate by exp(trainer old-policy log-prob -
+            sampler log-prob), detached, for the sampler/trainer mismatch; applies when the engine reports sampling
+            log-probs (vllm, remote), a no-op with hf; a NaN sampler log-prob counts as no difference
+        vllm_importance_sampling_mode: token_truncate | token_mask (per-token weight) | sequence_truncate |
+            sequence_mask (one weight per sequence, exp of the summed difference); *_truncate clamps the weight to
+            [clip_min, clip_max], *_mask sets it to 0 outside that range
+        vllm_importance_sampling_clip_max: upper bound of the correction's weight (unset: none)
+        vllm_importance_sampling_clip_min: lower bound of the correction's weight (unset: none)
+        tis_cap: alias kept from earlier versions: --tis-cap X is --vllm-importance-sampling-mode token_truncate with
+            --vllm-importance-sampling-clip-max X (TRL's deprecated vllm_importance_sampling_cap); X >= 1
         boost_layers: with --layers all: these layers (10,16, mid:3, or top:3 with --from) train at --boost-lr,
             every other parameter at --learning-rate
         boost_lr: learning rate of --boost-layers (give both or neither)
@@ -206,6 +244,12 @@ class RLConfig:
             for one no-grad pass over the cached prefix; no second model) | copy (a frozen copy of the model)
         old_logp_pass: a separate no-grad pass for the old-policy log-probs; off: the first optimization pass's own
             log-probs serve (the policy has not moved yet)
+        advantage: grpo (each completion against its group; on a multi-turn task every step of an episode gets its
+            episode's advantage) | gigpo (multi-turn tasks: the episode's advantage plus --step-advantage-weight
+            times the step's discounted return against the steps of its group that saw the same observation;
+            arXiv 2505.10978)
+        gamma: gigpo: discount of the step returns
+        step_advantage_weight: gigpo: weight omega of the step advantage
     """
 
     prompts_per_step: int = 16
@@ -215,19 +259,32 @@ class RLConfig:
     epsilon: float = 0.2
     epsilon_high: float | None = None
     num_iterations: int = 1
+    steps_per_generation: int = 1
     loss_type: str = "dapo"
+    importance_sampling_level: str = "token"
+    use_bias_correction_kl: bool = True
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
     scale_rewards: str = "group"
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
     micro_batch_size: int = 32
     warmup_steps: int = 0
+    lr_scheduler_type: str = "constant"
     optim: str = "adamw"
+    vllm_importance_sampling_correction: bool = True
+    vllm_importance_sampling_mode: str = "sequence_mask"
+    vllm_importance_sampling_clip_max: float | None = 3.0
+    vllm_importance_sampling_clip_min: float | None = None
     tis_cap: float | None = None
     boost_layers: str | None = None
     boost_lr: float | None = None
     full_learning_rate: float | None = None
     reference: str = "swap"
     old_logp_pass: bool = False
+    advantage: str = "grpo"
+    gamma: float = 0.95
+    step_advantage_weight: float = 1.0
 
 
 @dataclass
@@ -358,6 +415,7 @@ class TrainConfig:
         """Check every setting and combination; raise ConfigError with one line on the first problem."""
         rl, ro, run = self.rl, self.rollout, self.run
         _positive(prompts_per_step=rl.prompts_per_step, num_iterations=rl.num_iterations,
+                  steps_per_generation=rl.steps_per_generation,
                   micro_batch_size=rl.micro_batch_size,
                   max_steps=run.max_steps, save_steps=run.save_steps, save_total_limit=run.save_total_limit,
                   max_consecutive_skips=run.max_consecutive_skips,
@@ -395,6 +453,7 @@ class TrainConfig:
         _choice("--share-prompts", self.model.share_prompts, ("auto", "on", "off"))
         _choice("--prefix-source", self.model.prefix_source, ("auto", "rollout", "trainer"))
         _choice("--optim", rl.optim, ("adamw", "adamw8bit"))
+        _choice("--lr-scheduler-type", rl.lr_scheduler_type, LR_SCHEDULERS)
         _choice("--reference", rl.reference, ("swap", "copy"))
         if (rl.boost_layers is None) != (rl.boost_lr is None):
             raise ConfigError("--boost-layers and --boost-lr go together: give both or neither")
@@ -404,9 +463,11 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
         if rl.tis_cap is not None and not (math.isfinite(rl.tis_cap) and rl.tis_cap >= 1):
             raise ConfigError(f"--tis-cap must be a finite number >= 1, got {rl.tis_cap}")
+        _check_objective(rl)
         if self.task.dataset and self.task.task:
             raise ConfigError("--dataset and --task are exclusive: give one of them")
         _check_task(self.task)
+        _check_episodes(self.task, rl)
         for name in ("log_completions", "eval_steps"):
             if getattr(run, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(run, name)}")
@@ -517,11 +578,44 @@ def _check_task(task: TaskConfig) -> None:
             raise ConfigError("--chat-template-kwargs must be a JSON object, e.g. '{\"enable_thinking\": false}'")
 
 
+def _check_episodes(task: TaskConfig, rl: RLConfig) -> None:
+    """The multi-turn settings: --env against --task/--dataset/--reward, turns, history, GiGPO's settings."""
+    if task.env and (task.task or task.dataset):
+        raise ConfigError("--env is the task: give it without --task or --dataset")
+    if (task.env or task.task == "chain") and task.reward:
+        raise ConfigError("a multi-turn task's rewards come from its environment: --reward does not apply")
+    _positive(max_turns=task.max_turns, chain_turns=task.chain_turns)
+    if task.history_length < 0:
+        raise ConfigError(f"--history-length must be >= 0, got {task.history_length}")
+    _choice("--advantage", rl.advantage, ADVANTAGES)
+    if not (math.isfinite(rl.gamma) and 0 <= rl.gamma <= 1):
+        raise ConfigError(f"--gamma must be in [0, 1], got {rl.gamma}")
+    if not (math.isfinite(rl.step_advantage_weight) and rl.step_advantage_weight >= 0):
+        raise ConfigError(f"--step-advantage-weight must be a finite number >= 0, got {rl.step_advantage_weight}")
+
+
 def _spec_of(reward: Any) -> str:
     """A reward as text: a callable as module:qualified_name (what --reward would load), else itself."""
     if not callable(reward):
         return str(reward)
     return f"{getattr(reward, '__module__', '?')}:{getattr(reward, '__qualname__', type(reward).__name__)}"
+
+
+def _check_objective(rl: RLConfig) -> None:
+    """The loss options beyond the loss type: ratio level, SAPO temperatures, the sampler correction."""
+    _choice("--importance-sampling-level", rl.importance_sampling_level, IS_LEVELS)
+    _choice("--vllm-importance-sampling-mode", rl.vllm_importance_sampling_mode, IS_MODES)
+    for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
+        value = getattr(rl, name)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+    low, high = rl.vllm_importance_sampling_clip_min, rl.vllm_importance_sampling_clip_max
+    for name, value in (("min", low), ("max", high)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"--vllm-importance-sampling-clip-{name} must be a finite number >= 0, got {value}")
+    if low is not None and high is not None and low >= high:
+        raise ConfigError(f"--vllm-importance-sampling-clip-min ({low}) must be below "
+                          f"--vllm-importance-sampling-clip-max ({high})")
 
 
 def _positive(**values: int) -> None:

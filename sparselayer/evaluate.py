@@ -1,13 +1,17 @@
-"""Held-out accuracy: greedy pass@1, and mean@k / pass@k over k sampled completions per prompt."""
+"""Held-out accuracy: greedy pass@1, and mean@k / pass@k over k sampled completions per prompt; for a
+multi-turn task the same figures over held-out episodes, an episode counting when it succeeds."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
 from .distributed import all_reduce_sum, world
 from .rollout.base import RolloutEngine
+from .rollout.episodes import collect_episodes
 from .tasks import Task
 from .tasks.chat import PromptRenderer
+from .tasks.envs import env_task_of
 
 
 def evaluate(engine: RolloutEngine, tokenizer, task: Task, num_examples: int = 500, k: int = 4,
@@ -22,15 +26,20 @@ def evaluate(engine: RolloutEngine, tokenizer, task: Task, num_examples: int = 5
     """
     everyone = list(task.test)[:num_examples]
     examples = [everyone[i] for i in world().shard(len(everyone))]
-    prompts = (renderer or PromptRenderer(tokenizer)).token_ids(examples)
+    renderer = renderer or PromptRenderer(tokenizer)
     max_new = max_new_tokens or task.suggested_max_completion_length
-    greedy_ok = _scored(engine, tokenizer, task, prompts, examples, 1, max_new, greedy=True, seed=seed)
+    if env_task_of(task) is not None:  # multi-turn: each example names a held-out episode
+        scored = _episodes_scorer(engine, task, renderer, examples, max_new)
+    else:
+        scored = functools.partial(_scored, engine, tokenizer, task, renderer.token_ids(examples), examples,
+                                   max_new=max_new)
+    greedy_ok = scored(1, greedy=True, seed=seed)
     (correct,) = all_reduce_sum([sum(greedy_ok)])
     result: dict[str, Any] = {"task": task.name, "num_examples": len(everyone),
                               "accuracy": correct / len(everyone)}
     result["pass@1"] = result["accuracy"]
     if k > 0:
-        ok = _scored(engine, tokenizer, task, prompts, examples, k, max_new, temperature=temperature, seed=seed)
+        ok = scored(k, temperature=temperature, seed=seed)
         per_prompt = [ok[i * k : (i + 1) * k] for i in range(len(examples))]
         hits, solved = all_reduce_sum([sum(ok), sum(any(g) for g in per_prompt)])
         result.update({"k": k, "temperature": temperature,
@@ -46,6 +55,18 @@ def _scored(engine: RolloutEngine, tokenizer, task: Task, prompts, examples, n: 
         return []
     rollouts = engine.generate(prompts, n, max_new, **sampling)
     return _correct(tokenizer, task, rollouts.completion_ids, examples, n)
+
+
+def _episodes_scorer(engine: RolloutEngine, task: Task, renderer: PromptRenderer, examples, max_new: int):
+    """A scorer like `_scored` for a multi-turn task: whether each of n episodes per held-out seed succeeds."""
+    seeds = [e.columns["seed"] for e in examples]
+
+    def scored(n: int, greedy: bool = False, temperature: float = 1.0, seed: int = 0) -> list[bool]:
+        if not seeds:
+            return []
+        return collect_episodes(engine, env_task_of(task), seeds, n, renderer, max_new, temperature,
+                                seed=seed, greedy=greedy).success
+    return scored
 
 
 def _correct(tokenizer, task: Task, completion_ids, examples, n: int) -> list[bool]:

@@ -1,6 +1,7 @@
 """Turn a run directory back into a model: merge the trained layer(s) into the base and save a full HF folder."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from torch import nn
@@ -9,7 +10,7 @@ from .config import TrainConfig
 from .errors import RunError
 from .model.layout import load_model
 from .runs import RunDir, warn
-from .tasks import Task, build_task
+from .tasks import Task, build_task, task_from_config
 from .tasks.chat import PromptRenderer
 
 
@@ -44,8 +45,8 @@ def load_for_eval(path: str | Path | None) -> tuple[nn.Module, object, Task, str
     prompt renderer of its training (chat template, system prompt, template variables)."""
     if is_run_dir(path):
         model, tokenizer, config, step = load_run(path)
-        t = config.task  # accuracy needs the data, not the reward functions: their code is not run here
-        task = build_task(t.task, t.dataset, dataset_split=t.dataset_split, eval_dataset=t.eval_dataset)
+        t = config.task  # accuracy needs the data (or the environment), not the reward functions: not run here
+        task = task_from_config(dataclasses.replace(t, reward=None, reward_weights=None))
         return model, tokenizer, task, f"{path} (step {step})", PromptRenderer.from_config(tokenizer, t)
     model, tokenizer = load_model(path)
     return model, tokenizer, build_task(), str(path) if path else "embedded default", PromptRenderer(tokenizer)

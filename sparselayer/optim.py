@@ -9,6 +9,7 @@ frees it), so micro-batch gradients never add up in bf16. Clip and read them wit
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -119,3 +120,26 @@ def _as_groups(params: Iterable[Any]) -> list[dict[str, Any]]:
     if items and isinstance(items[0], dict):
         return [{**g, "params": list(g["params"])} for g in items]
     return [{"params": items}]
+
+
+def lr_factor(kind: str, step: int, warmup_steps: int, total_steps: int) -> float:
+    """The learning-rate multiplier before optimizer step `step` (0-based): a linear warm-up reaching 1 at step
+    warmup_steps - 1, then constant, or (`kind` linear / cosine) decaying to 0 at `total_steps` as transformers'
+    linear and cosine schedules do after their warm-up (--lr-scheduler-type)."""
+    if warmup_steps and step < warmup_steps:
+        return min(1.0, (step + 1) / warmup_steps)
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    if kind == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    raise ConfigError(f"--lr-scheduler-type must be constant, linear or cosine, got {kind!r}")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup_steps: int,
+                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate schedule of `lr_factor` over `total_steps` optimizer steps (stepped once per step)."""
+    lr_factor(kind, 0, warmup_steps, total_steps)  # an unknown kind fails here, not at the first step
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(kind, s, warmup_steps, total_steps))

@@ -23,6 +23,7 @@ from .runs import RunDir, python_rng_state, warn
 from .tasks import Task
 from .trainer import Trainer
 
+StepHook = Callable[[dict[str, Any]], bool | None]  # on_step: called with each step's metrics; True stops
 COMPLETION_PROMPTS = 2  # prompts (each with its whole GRPO group) in a --log-completions sample
 
 
@@ -85,11 +86,13 @@ def restore_checkpoint(trainer: Trainer, run: RunDir) -> int:
 
 
 def train(config: TrainConfig, task: Task | None = None, engine: RolloutEngine | None = None,
-          resume: bool = False, on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+          resume: bool = False, on_step: StepHook | None = None) -> dict[str, Any]:
     """Run GRPO to `max_steps`, resumable; returns the summary also written to summary.json.
 
     The run folder is locked for the whole run (a second process is refused with this one's PID), and
-    a full disk ends the run with one line (RunError) that leaves the last checkpoint intact.
+    a full disk ends the run with one line (RunError) that leaves the last checkpoint intact. `on_step` gets each
+    step's metrics line; a true return stops the run after that step, on a checkpoint, then evaluates and
+    summarises as at the end (under torchrun every rank must return the same).
     """
     config.validate()
     joins = launched_size() > 1 and world().size == 1  # under torchrun: this call joins the job, and leaves it
@@ -103,7 +106,7 @@ def train(config: TrainConfig, task: Task | None = None, engine: RolloutEngine |
 
 
 def _locked_run(config: TrainConfig, me: World, task: Task | None, engine: RolloutEngine | None, resume: bool,
-                on_step: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+                on_step: StepHook | None) -> dict[str, Any]:
     """Lock the run directory (rank 0 under torchrun: it alone writes there), build the trainer, run."""
     config.run.output_dir = broadcast_object(config.run.output_dir or default_output_dir(config))
     run = RunDir(config.run.output_dir)
@@ -122,7 +125,7 @@ def _locked_run(config: TrainConfig, me: World, task: Task | None, engine: Rollo
 
 
 def _run(trainer: Trainer, run: RunDir, resume: bool,
-         on_step: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+         on_step: StepHook | None) -> dict[str, Any]:
     """Train to max_steps from the latest checkpoint (resume) or from scratch; evaluate; write the summary."""
     config, main = trainer.config, trainer.world.is_main  # under torchrun rank 0 alone writes the run directory
     if main:
@@ -156,7 +159,7 @@ def _run(trainer: Trainer, run: RunDir, resume: bool,
 
 
 def _train_steps(trainer: Trainer, run: RunDir, reporters: Reporters,
-                 on_step: Callable[[dict[str, Any]], None] | None) -> None:
+                 on_step: StepHook | None) -> None:
     """The step loop: metrics (with held-out accuracy every --eval-steps), sample completions every
     --log-completions steps, checkpoints every --save-steps and at the end, the progress bar."""
     rc = trainer.config.run
@@ -180,8 +183,10 @@ def _train_steps(trainer: Trainer, run: RunDir, reporters: Reporters,
         bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.2f}",
                         s_per_step=f"{metrics['step_time_s']:.2f}")
         bar.update(1)
-        if on_step:
-            on_step(metrics)
+        if on_step and on_step(metrics):  # the caller stops the run here (sparselayer.trl: should_training_stop)
+            if step % rc.save_steps and step != rc.max_steps:
+                save_checkpoint(trainer, run)  # a stopped run ends on a checkpoint: resume=True continues it
+            break
     bar.close()
 
 

@@ -27,15 +27,27 @@ from .model.head import LogProbHead
 from .model.layout import decoder_layers, freeze_except, layers_label, load_model
 from .model.quant import quantize_frozen, resolve_quant
 from .model.reference import frozen_copy, initial_values, swapped_in
-from .objective import BatchTotals, group_advantages, per_token_loss, tis_weights, token_weights
-from .optim import build_optimizer, grad_tensors
+from .objective import (
+    BatchTotals,
+    ObjectiveOptions,
+    gigpo_advantages,
+    group_advantages,
+    objective_loss,
+    sampling_correction,
+    share_weights,
+    step_shares,
+    token_weights,
+)
+from .optim import build_optimizer, build_scheduler, grad_tensors
 from .rollout import build_engine
 from .rollout.base import RolloutEngine
 from .rollout.capture import resolve_prefix_source
+from .rollout.episodes import EpisodeRollouts, collect_episodes
 from .sizes import parse_size
 from .sync.check import TOLERANCE, check_sync, sync_sequence
 from .tasks import Example, RewardBatch, Task, reward_set_of, task_from_config
 from .tasks.chat import PromptRenderer, fit_to_context
+from .tasks.envs import env_task_of
 from .tasks.sampler import PromptSampler
 
 
@@ -72,9 +84,9 @@ class Trainer:
         self.tp = config.rollout.vllm_tensor_parallel_size  # ranks per rollout engine (GPU, torchrun)
         check_tensor_parallel(self.tp, self.device.type, config.rollout.rollout, self.world)
         self.engine = engine or build_engine(config.rollout, m.model, self.model, self.tokenizer, config.run.seed)
-        if getattr(self.engine, "tensor_parallel_size", 1) != self.tp:
+        if self.engine.tensor_parallel_size != self.tp:
             raise ConfigError(f"--vllm-tensor-parallel-size {self.tp}: the rollout engine passed in spans "
-                              f"{getattr(self.engine, 'tensor_parallel_size', 1)} GPU(s)")
+                              f"{self.engine.tensor_parallel_size} GPU(s)")
         # --prefix-source: "rollout" has the engine capture the states entering the lowest trained layer
         self.prefix_source = resolve_prefix_source(m.prefix_source, self.engine, getattr(self.forward, "start", None),
                                                    self.model.dtype, self.device, self.quant,
@@ -83,8 +95,8 @@ class Trainer:
         if self.sync_ids is not None and self.quant != "none":
             raise ConfigError("--check-sync compares with the trainer's unquantized forward: use --quant none")
         self.optimizer = build_optimizer(self.param_groups(), rl.optim, rl.learning_rate, rl.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / rl.warmup_steps) if rl.warmup_steps else 1.0)
+        self.scheduler = build_scheduler(self.optimizer, rl.lr_scheduler_type, rl.warmup_steps,  # per optimizer step
+                                         config.run.max_steps * rl.num_iterations * rl.steps_per_generation)
         self.sampler = PromptSampler(len(self.task.train), config.run.seed)
         self.step_count, self.push_bytes, self.allreduce_bytes = 0, 0, 0
         self.skipped_steps, self.consecutive_skips = 0, 0  # steps skipped for a non-finite loss or gradient
@@ -151,8 +163,11 @@ class Trainer:
             sampling_logprobs=None if logprobs is None else logprobs[a * n:b * n], states=states)
 
     def generate(self, examples: list[Example]) -> Rollouts:
-        """Completions for this step's prompts, seeded by (seed, step) so a resumed run samples the same."""
+        """Completions for this step's prompts, seeded by (seed, step) so a resumed run samples the same; for a
+        multi-turn task, the episodes of this step's seeds, one row per step (`collect_episodes`)."""
         rl, ro = self.config.rl, self.config.rollout
+        if env_task_of(self.task) is not None:
+            return self.collect_episodes(examples)
         prompts = self.renderer.token_ids(examples)  # rendered once (chat template): every engine samples these ids
         return self.engine.generate(prompts, rl.num_generations, self.max_completion_length,
                                     ro.temperature, ro.top_p, seed=self._rollout_seed())
@@ -161,6 +176,10 @@ class Trainer:
         """Rewards (each reward function's, in TRL's convention, and their weighted sum) and correctness of the
         completions, their group advantages, micro-batches and token weights."""
         rl, n = self.config.rl, self.config.rl.num_generations
+        if isinstance(rollouts, EpisodeRollouts):
+            return self.score_episodes(rollouts)
+        if rl.advantage == "gigpo":
+            raise ConfigError("--advantage gigpo needs a multi-turn task (--task chain or --env module:Class)")
         texts = self.tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
         per_row = [e for e in examples for _ in range(n)]
         scores = reward_set_of(self.task).score(RewardBatch(per_row, texts, rollouts.completion_ids))
@@ -172,6 +191,39 @@ class Trainer:
                                 self._batch_totals(batch.completion_mask, micro))
         return StepBatch(batch, rewards, correct, self._advantages(rewards).to(self.device), micro, weights,
                          function_rewards=scores.per_function, prompts=[e.prompt for e in per_row], completions=texts)
+
+    def collect_episodes(self, examples: list[Example]) -> EpisodeRollouts:
+        """Multi-turn: --num-generations episodes of each example's seed, played turn by turn through the engine."""
+        if self.world.size > 1:
+            raise ConfigError("multi-turn tasks train in one process for now: run without torchrun")
+        rl, ro = self.config.rl, self.config.rollout
+        seeds = [e.columns["seed"] for e in examples]
+        return collect_episodes(self.engine, env_task_of(self.task), seeds, rl.num_generations, self.renderer,
+                                self.max_completion_length, ro.temperature, ro.top_p,
+                                seed=self._rollout_seed() * 1_009).rollouts()
+
+    def score_episodes(self, rollouts: EpisodeRollouts) -> StepBatch:
+        """One row per step: the step's reward, its episode's success as `correct`, GiGPO's advantage (--advantage
+        grpo: the episode's GRPO advantage) per step; each episode's return and success once, on its last step's
+        row (rewards/episode_return, rewards/episode_success). Steps of a group share no prompt, so micro-batches
+        are balanced by tokens alone (rows that do share one still run it once, found by content)."""
+        rl, episodes = self.config.rl, rollouts.episodes
+        steps = episodes.steps
+        rewards = torch.tensor([s.reward for s in steps], dtype=torch.float32)
+        correct = torch.tensor([float(episodes.success[s.episode]) for s in steps])
+        advantages = gigpo_advantages(rewards, [s.episode for s in steps], [s.observation for s in steps],
+                                      rl.num_generations, rl.gamma,
+                                      rl.step_advantage_weight if rl.advantage == "gigpo" else 0.0, rl.scale_rewards)
+        batch = collate(rollouts, self.tokenizer.pad_token_id, self.device)
+        micro = self.forward.pack(batch, 1, rl.micro_batch_size)
+        weights = token_weights(batch.completion_mask, rl.loss_type, self.max_completion_length, micro)
+        last = {s.episode: j for j, s in enumerate(steps)}
+        outcome = {"episode_return": [episodes.returns[s.episode] if last[s.episode] == j else None
+                                      for j, s in enumerate(steps)],
+                   "episode_success": [float(episodes.success[s.episode]) if last[s.episode] == j else None
+                                       for j, s in enumerate(steps)]}
+        return StepBatch(batch, rewards, correct, advantages.to(self.device), micro, weights, function_rewards=outcome,
+                         prompts=[s.prompt for s in steps], completions=[s.action for s in steps])
 
     def attach_prefix(self, sb: StepBatch) -> PreparedBatch:
         """Prepare every micro-batch once for all passes (the cached frozen prefix, or plain sub-batches); with
@@ -198,22 +250,28 @@ class Trainer:
         return self.batch_logprobs(sb, *self._prepared(sb), self.head)
 
     def optimize_passes(self, sb: StepBatch) -> list[dict[str, Any]]:
-        """--num-iterations optimization passes; a pass that skips (non-finite) ends the step's passes."""
+        """--num-iterations passes over the rollout batch, each --steps-per-generation optimizer steps on
+        consecutive shares of its micro-batches; one entry per optimizer step. A step that skips (non-finite)
+        ends the step's passes."""
+        shares, weights = self._step_shares(sb)
         passes = []
         for iteration in range(self.config.rl.num_iterations):
-            passes.append(self.optimize(sb, iteration))
-            if passes[-1]["skipped"]:
-                break
+            for share in shares:
+                passes.append(self.optimize(sb, iteration, share, weights))
+                if passes[-1]["skipped"]:
+                    return passes
         return passes
 
-    def optimize(self, sb: StepBatch, iteration: int = 0) -> dict[str, Any]:
-        """One pass over the rollout batch: accumulate gradients over micro-batches, clip, one optimizer step.
+    def optimize(self, sb: StepBatch, iteration: int = 0, share: list[int] | None = None,
+                 weights: torch.Tensor | None = None) -> dict[str, Any]:
+        """One optimizer step: accumulate gradients over the micro-batches of `share` (unset: all of them; their
+        token `weights`, unset: sb.weights), clip, step.
 
         A pass whose loss or gradient norm is not finite is skipped: its gradients are dropped and neither
         the optimizer nor the learning-rate schedule steps, so one bad batch cannot turn the layer into NaN.
         """
         self.optimizer.zero_grad(set_to_none=True)
-        stats: dict[str, Any] = self.accumulate_gradients(sb, iteration)
+        stats: dict[str, Any] = self.accumulate_gradients(sb, iteration, share, weights)
         # under torchrun: the trained layers' gradients (fp32 masters for a bf16 model), one flat bucket
         self.allreduce_bytes += all_reduce_gradients(grad_tensors(self.optimizer))
         stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(grad_tensors(self.optimizer),
@@ -236,16 +294,19 @@ class Trainer:
                            "gradient norm and were skipped (try a lower --learning-rate or --max-grad-norm); "
                            "the last checkpoint is intact")
 
-    def accumulate_gradients(self, sb: StepBatch, iteration: int = 0) -> dict[str, float]:
-        """Add d(batch loss)/d(trained params) to .grad, one micro-batch at a time (for a bf16/fp16 model,
-        to the fp32 masters' .grad: see `sparselayer.optim.grad_tensors`).
+    def accumulate_gradients(self, sb: StepBatch, iteration: int = 0, share: list[int] | None = None,
+                             weights: torch.Tensor | None = None) -> dict[str, float]:
+        """Add d(loss)/d(trained params) to .grad, one micro-batch of `share` (unset: all) at a time, with token
+        `weights` (unset: sb.weights); for a bf16/fp16 model, to the fp32 masters' .grad (`optim.grad_tensors`).
 
-        Pass 0 without --old-logp-pass is on-policy: the policy has not moved, so its own log-probs,
+        Pass 0 without the old-policy pass is on-policy: the policy has not moved, so its own log-probs,
         detached, are the old policy's; they are recorded in sb.old_logp for the later passes, which
         read them from there.
         """
-        rl = self.config.rl
         forward, inputs = self._prepared(sb)
+        share = range(len(sb.micro_batches)) if share is None else share
+        weights = sb.weights if weights is None else weights
+        options = self._objective_options()
         first = iteration == 0 and not self._old_logp_pass()
         if not first and sb.old_logp is None:
             raise ValueError("a pass other than the on-policy first one needs sb.old_logp")
@@ -253,7 +314,8 @@ class Trainer:
             sb.old_logp = torch.zeros(sb.batch.completion_mask.shape, device=self.device)
         totals = {"loss": 0.0, "kl": 0.0, "clip": 0.0}
         self.model.train()
-        for j, rows in enumerate(sb.micro_batches):
+        for j in share:
+            rows = sb.micro_batches[j]
             hidden, sub = forward.hidden(inputs, j)
             logp = self.head(hidden, sub)
             C = logp.shape[1]
@@ -261,18 +323,16 @@ class Trainer:
                 sb.old_logp[rows, :C] = logp.detach()
             old = sb.old_logp[rows, :C]
             ref = None if sb.ref_logp is None else sb.ref_logp[rows, :C]
-            tis = None if rl.tis_cap is None or sub.sampling_logp is None else tis_weights(
-                old, sub.sampling_logp, rl.tis_cap, sub.completion_mask)
-            tl = per_token_loss(logp, old, sb.advantages[rows], rl.epsilon, self._epsilon_high(), rl.beta, ref, tis,
-                                rl.loss_type)
-            loss = (tl.loss * sb.weights[rows, :C]).sum()
+            tl = objective_loss(logp, old, sb.advantages[rows], options, ref, self._sampling_weights(old, sub),
+                                sub.completion_mask)
+            loss = (tl.loss * weights[rows, :C]).sum()
             loss.backward()
             mask = sub.completion_mask.float()
             totals["loss"] += loss.item()
             totals["kl"] += float((tl.kl.detach() * mask).sum())
             totals["clip"] += float((tl.clipped.float() * mask).sum())
         self.model.eval()
-        ntok = float(sb.batch.completion_mask.sum())
+        ntok = float(sum(sb.batch.completion_mask[sb.micro_batches[j]].sum() for j in share))
         if self.world.size > 1:  # the whole batch's loss and token counts (each rank holds its share)
             totals["loss"], totals["kl"], totals["clip"], ntok = all_reduce_sum(
                 [totals["loss"], totals["kl"], totals["clip"], ntok])
@@ -281,9 +341,9 @@ class Trainer:
 
     def check_sync(self) -> float | None:
         """--check-sync: after a push the engine's log-probs of a fixed sequence must match the trainer's."""
-        if self.sync_ids is None or not hasattr(self.engine, "prompt_logprobs"):
-            return None  # the hf engine samples from the trainer's own module
-        tolerance = TOLERANCE[getattr(self.engine, "dtype", torch.float32)]
+        if self.sync_ids is None or self.engine.shares_weights:
+            return None  # the engine samples from the trainer's own module: nothing can drift
+        tolerance = TOLERANCE[self.engine.dtype]
         return check_sync(self.engine, self.model, self.sync_ids, tolerance)
 
     # -- for other stacks and tests ------------------------------------------------------------------
@@ -343,12 +403,45 @@ class Trainer:
         return full, full.prepare(sb.batch, sb.micro_batches)
 
     def _old_logp_pass(self) -> bool:
-        """--old-logp-pass, where a later pass needs old-policy log-probs (TRL skips it for a single pass)."""
-        return self.config.rl.old_logp_pass and self.config.rl.num_iterations > 1
-
-    def _epsilon_high(self) -> float:
+        """Whether one no-grad pass takes the old-policy log-probs before the first update: --old-logp-pass where a
+        later pass needs them (TRL skips it for a single pass), and always with --steps-per-generation above 1
+        (the policy moves between the batch's shares)."""
         rl = self.config.rl
-        return rl.epsilon_high if rl.epsilon_high is not None else rl.epsilon
+        return (rl.old_logp_pass and rl.num_iterations > 1) or rl.steps_per_generation > 1
+
+    def _objective_options(self) -> ObjectiveOptions:
+        """The objective's settings from --loss-type, --epsilon[-high], --beta and the loss options."""
+        rl = self.config.rl
+        return ObjectiveOptions(rl.loss_type, rl.epsilon, rl.epsilon_high, rl.beta, rl.use_bias_correction_kl,
+                                rl.importance_sampling_level, rl.sapo_temperature_pos, rl.sapo_temperature_neg)
+
+    def _sampling_weights(self, old: torch.Tensor, sub: Any) -> torch.Tensor | None:
+        """The sampler correction's weights for a micro-batch (--vllm-importance-sampling-*; --tis-cap X is mode
+        token_truncate with clip max X), where the engine reported sampling log-probs (vllm, remote; not hf)."""
+        rl = self.config.rl
+        if sub.sampling_logp is None or (rl.tis_cap is None and not rl.vllm_importance_sampling_correction):
+            return None
+        if rl.tis_cap is not None:
+            return sampling_correction(old, sub.sampling_logp, "token_truncate", None, rl.tis_cap, sub.completion_mask)
+        return sampling_correction(old, sub.sampling_logp, rl.vllm_importance_sampling_mode,
+                                   rl.vllm_importance_sampling_clip_min, rl.vllm_importance_sampling_clip_max,
+                                   sub.completion_mask)
+
+    def _step_shares(self, sb: StepBatch) -> tuple[list[list[int]], torch.Tensor]:
+        """The micro-batch indices of each optimizer step on `sb` (--steps-per-generation) and their token weights
+        (each share normalised as TRL does: `objective.share_weights`)."""
+        k = self.config.rl.steps_per_generation
+        if k == 1:
+            return [list(range(len(sb.micro_batches)))], sb.weights
+        if len(sb.micro_batches) < k:
+            raise ConfigError(f"--steps-per-generation {k} needs at least {k} micro-batches per rollout batch, got "
+                              f"{len(sb.micro_batches)}: lower --micro-batch-size")
+        shares, mask = step_shares(len(sb.micro_batches), k), sb.batch.completion_mask
+        totals = None if self.world.size == 1 else [
+            self._batch_totals(mask[[r for j in s for r in sb.micro_batches[j]]], [sb.micro_batches[j] for j in s])
+            for s in shares]
+        return shares, share_weights(mask, self.config.rl.loss_type, self.max_completion_length, sb.micro_batches,
+                                     shares, totals)
 
     # -- data-parallel (torchrun): each rank holds whole GRPO groups of the step ------------------------
 

@@ -31,7 +31,14 @@ from sparselayer.kernels import (  # noqa: E402
     triton_logprobs,
 )
 from sparselayer.kernels.backend import ENV_BACKEND, resolve_backend, triton_available  # noqa: E402
-from sparselayer.objective import LOSS_TYPES, per_token_loss, token_weights  # noqa: E402
+from sparselayer.objective import (  # noqa: E402
+    LOSS_TYPES,
+    ObjectiveOptions,
+    objective_loss,
+    per_token_loss,
+    sampling_correction,
+    token_weights,
+)
 
 HAS_TRITON = triton_available()
 TRITON_RUNS = HAS_TRITON and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
@@ -164,11 +171,13 @@ CASES = [
     ("dapo", torch.float32, 1.3, 0.0, True),
     ("bnpo", torch.float32, 0.7, 0.1, True),
     ("cispo", torch.float32, 0.9, 0.04, True),
+    ("sapo", torch.float32, 1.1, 0.04, True),
     ("grpo", torch.bfloat16, 0.7, 0.04, True),
     ("dr_grpo", torch.bfloat16, 1.0, 0.0, False),
     ("dapo", torch.bfloat16, 1.0, 0.1, False),
     ("bnpo", torch.bfloat16, 1.3, 0.0, True),
     ("cispo", torch.bfloat16, 1.0, 0.0, False),
+    ("sapo", torch.bfloat16, 0.9, 0.1, False),
 ]
 
 
@@ -242,6 +251,42 @@ def test_reference_agrees_with_trainer_loss():
     trainer = per_token_loss(logp.view(b, t), case.old_logp.double().view(b, t), per_sequence_adv, 0.2, 0.28, 0.1,
                              case.ref_logp.double().view(b, t))
     torch.testing.assert_close(loss, (case.token_weights.double().view(b, t) * trainer.loss).sum())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_type", ["grpo", "cispo", "sapo"])
+def test_sequence_level_options_on_flat_inputs(backend, loss_type):
+    """Sequence-level ratio (GSPO), bias-corrected KL and a sequence-level sampler correction on the flat entry
+    points (seq_index, mask): fused against the float64 reference (float32, 1e-5), and the flat reference
+    against the B x T objective, whose rows are the sequences."""
+    b, t = 3, 13
+    case = make_case(12, loss_type, torch.float32, 0.9, 0.05)
+    options = ObjectiveOptions(loss_type, EPSILON, case.epsilon_high, 0.05, True, "sequence")
+    seq_index, mask = torch.arange(b).repeat_interleave(t), ~case.pad
+    sampler = case.old_logp + 0.2 * torch.randn(b * t, generator=torch.Generator().manual_seed(13))
+    case.tis_weights = sampling_correction(case.old_logp, sampler, "sequence_truncate", None, 1.2, mask, seq_index)
+    assert 0 < (case.tis_weights == 1.2).sum() < b * t  # the cap binds on some sequences, not all
+
+    def run(fn: LossFn, h: torch.Tensor, w: torch.Tensor, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+        args = [a.to(device, h.dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                for a in loss_args(case, h, w)]
+        loss, logp = fn(*args, loss_type=loss_type, options=options, mask=mask.to(device),
+                        seq_index=seq_index.to(device))
+        loss.backward()
+        return loss.detach().cpu(), logp.detach().cpu()
+
+    h = case.hidden.to(DEVICE, copy=True).requires_grad_()
+    loss, _ = run(torch_loss() if backend == "torch" else triton_grpo_loss, h, case.weight.to(DEVICE), DEVICE)
+    h64 = case.hidden.double().requires_grad_()
+    ref_loss, ref_logp = run(reference_grpo_loss, h64, case.weight.double(), "cpu")
+    rows = objective_loss(ref_logp.view(b, t), case.old_logp.double().view(b, t),
+                          case.advantages.double().view(b, t)[:, 0], options, case.ref_logp.double().view(b, t),
+                          case.tis_weights.double().view(b, t), mask.view(b, t))
+    terms = case.token_weights.double().view(b, t) * rows.loss
+    torch.testing.assert_close(ref_loss, terms.sum())
+    assert abs(loss.double().item() - ref_loss.item()) / terms.abs().sum().item() < 1e-5
+    assert_close(h.grad.cpu(), h64.grad, 1e-5)
+    assert (h.grad.cpu()[case.pad] == 0).all()
 
 
 def test_fused_logprobs_and_dispatch(monkeypatch):

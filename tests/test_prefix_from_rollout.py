@@ -93,7 +93,8 @@ def _grads_both_ways(trainer, sb, states: CapturedStates) -> list[tuple[dict, di
 
 def _assert_same_step(trainer, sb, states: CapturedStates) -> None:
     (own_stats, own), (cap_stats, cap) = _grads_both_ways(trainer, sb, states)
-    assert cap_stats["loss"] == pytest.approx(own_stats["loss"], rel=1e-5)
+    # on-policy the loss is a cancelling mean of terms of size |advantage| ~ 1: compare at float32 resolution
+    assert cap_stats["loss"] == pytest.approx(own_stats["loss"], rel=1e-5, abs=1e-5)
     for name, grad in own.items():
         assert grad.norm() > 0 and _rel(cap[name], grad) <= 1e-5, name
 

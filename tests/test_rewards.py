@@ -194,7 +194,8 @@ def test_accuracy_of_a_built_in_task_is_its_own_is_correct():
 
 
 def test_unknown_reward_name_and_bad_items_are_one_line():
-    with pytest.raises(RewardError, match=r"'acuracy': not a built-in reward \(accuracy, format\); expected"):
+    with pytest.raises(RewardError,
+                       match=r"'acuracy': not a built-in reward \(accuracy, format, code_tests\); expected"):
         resolve_reward("acuracy")
     with pytest.raises(ConfigError, match="got int"):
         resolve_reward(3)

@@ -30,7 +30,17 @@ def prompt_token_ids(tokenizer, prompts: Sequence[EnginePrompt]) -> list[list[in
 
 
 class RolloutEngine(ABC):
-    """What the trainer needs from a generator of completions."""
+    """What the trainer needs from a generator of completions: every method and attribute it reads is here.
+
+    Required: `generate` and `update_weights`. With defaults an engine may override: `dtype` (the precision it
+    samples in: the sync check's tolerance), `tensor_parallel_size` (GPUs one engine spans), `shares_weights`
+    (whether it samples from the trainer's own module, so nothing can drift), `prompt_logprobs` (for
+    --check-sync), `capture_support`/`set_capture` (--prefix-source rollout) and `close`.
+    """
+
+    dtype: torch.dtype = torch.float32  # the precision the engine samples in
+    tensor_parallel_size: int = 1  # GPUs one engine spans (--vllm-tensor-parallel-size)
+    shares_weights: bool = False  # True: samples from the trainer's own module (no push, nothing to check)
 
     @abstractmethod
     def generate(self, prompts: Sequence[EnginePrompt], num_generations: int, max_new_tokens: int,
@@ -41,6 +51,12 @@ class RolloutEngine(ABC):
     @abstractmethod
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Load the given tensors (checkpoint names) into the engine's model; return bytes received."""
+
+    def prompt_logprobs(self, token_ids: list[int]) -> list[float]:
+        """log p(token_i | tokens before it) for i >= 1 under the engine's current weights (len(token_ids) - 1
+        values): what --check-sync compares with the trainer after a push. Engines that cannot compute them
+        raise NotImplementedError; engines with `shares_weights` are never asked."""
+        raise NotImplementedError(f"{type(self).__name__} does not report prompt log-probs")
 
     def capture_support(self, dtype: torch.dtype, quant: str) -> CaptureSupport:
         """Whether this engine can return, with each rollout, the residual stream entering a decoder layer with

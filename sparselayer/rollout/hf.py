@@ -22,6 +22,8 @@ RowStates = tuple[torch.Tensor, torch.Tensor]  # one row's (prompt states, compl
 class HFRolloutEngine(RolloutEngine):
     """Samples from the live policy module; weight updates are already visible to it."""
 
+    shares_weights = True  # the trainer's own module: nothing to push, nothing to check
+
     def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 512):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.capture: CaptureSpec | None = None

@@ -1,16 +1,25 @@
-"""Tasks: prompts, reference answers and rewards. `build_task` turns settings into a Task."""
+"""Tasks: prompts, reference answers and rewards, or (multi-turn) an environment's episodes. `build_task`
+and `task_from_config` turn settings into a Task."""
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from ..config import TaskConfig
 from ..errors import ConfigError
 from .arithmetic import ArithmeticTask
 from .base import Example, Task
+from .envs import ChainEnv, EnvTask, load_environment
 from .rewards import DEFAULT_FORMAT_PATTERN, RewardBatch, RewardedTask, RewardFunction, RewardSet, reward_set_of
 from .user_reward import RewardItem, with_rewards
 
-BUILTIN_TASKS = {"arithmetic": ArithmeticTask}
+
+def chain_task(turns: int = 3, per_turn_reward: bool = False, max_turns: int = 10, history_length: int = 0) -> EnvTask:
+    """The built-in multi-turn task: `turns` additions onto a running total (sparselayer.tasks.envs.chain)."""
+    return EnvTask(functools.partial(ChainEnv, turns, per_turn_reward), "chain", max_turns, history_length)
+
+
+BUILTIN_TASKS = {"arithmetic": ArithmeticTask, "chain": chain_task}
 DatasetSource = Any  # a data file or folder path, a datasets.Dataset or DatasetDict, a list of dicts, or None
 
 
@@ -46,9 +55,13 @@ def task_from_config(t: TaskConfig, task: Task | None = None) -> Task:
     --reward-weights); a task passed in must then carry no rewards of its own."""
     if task is not None:
         return with_rewards(task, t.reward, t.reward_weights, t.format_pattern)
+    if t.env:
+        return EnvTask(load_environment(t.env), t.env.rpartition(":")[2], t.max_turns, t.history_length)
+    if t.task == "chain":
+        return chain_task(t.chain_turns, t.per_turn_reward, t.max_turns, t.history_length)
     return build_task(t.task, t.dataset, reward=t.reward, reward_weights=t.reward_weights,
                       format_pattern=t.format_pattern, dataset_split=t.dataset_split, eval_dataset=t.eval_dataset)
 
 
-__all__ = ["ArithmeticTask", "BUILTIN_TASKS", "Example", "RewardBatch", "RewardFunction", "RewardSet", "RewardedTask",
-           "Task", "build_task", "reward_set_of", "task_from_config", "with_rewards"]
+__all__ = ["ArithmeticTask", "BUILTIN_TASKS", "EnvTask", "Example", "RewardBatch", "RewardFunction", "RewardSet",
+           "RewardedTask", "Task", "build_task", "chain_task", "reward_set_of", "task_from_config", "with_rewards"]

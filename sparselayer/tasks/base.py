@@ -10,6 +10,13 @@ Message = Mapping[str, str]  # {"role": "system" | "user" | "assistant" | ..., "
 Prompt = str | Sequence[Message]  # TRL's standard (text) or conversational (a list of messages) prompt
 
 
+def completion_text(completion: Any) -> str:
+    """The text of a completion in either TRL form: text, or a list of messages (their contents joined)."""
+    if isinstance(completion, str):
+        return completion
+    return "".join(str(m.get("content") or "") for m in completion if isinstance(m, Mapping))
+
+
 @dataclass(frozen=True)
 class Example:
     """One prompt, the reference answer its completion is judged against (None: the task's rewards need

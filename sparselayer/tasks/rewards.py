@@ -11,8 +11,8 @@ other column of the data rows (`Example.columns`, plus `answer` where the rows h
 keyword holding one value per completion; a function without **kwargs gets only the keywords it
 names. None means "not applicable" (TRL turns it into NaN): the weighted sum skips it (TRL's
 nansum), so a completion every function returns None for gets 0.0, with one warning on stderr.
-The built-ins are `accuracy` and `format`; a task's own reward (no --reward) runs as the function
-named `task`.
+The built-ins are `accuracy`, `format` and `code_tests` (code_reward.py); a task's own reward
+(no --reward) runs as the function named `task`.
 
 User code that raises, exits (sys.exit, SystemExit) or returns something else than one finite
 number or None per completion is a one-line RewardError naming the function; KeyboardInterrupt
@@ -30,10 +30,10 @@ from typing import Any
 
 from ..config import TaskConfig
 from ..errors import ConfigError, RewardError, first_line
-from .base import Example, Task
+from .base import Example, Task, completion_text
 
 DEFAULT_FORMAT_PATTERN: str = TaskConfig.format_pattern  # <think>...</think>, then a non-empty answer
-BUILTIN_REWARDS = ("accuracy", "format")
+BUILTIN_REWARDS = ("accuracy", "format", "code_tests")
 RESERVED_ARGUMENTS = ("prompts", "completions", "completion_ids")  # no data column may take these names
 TASK_REWARD_NAME = "task"  # the metrics name of a task's own reward (no --reward)
 
@@ -68,13 +68,6 @@ def is_conversation(prompt: Any) -> bool:
     """Whether a prompt is a conversation (a list of {role, content} messages) rather than text."""
     return not isinstance(prompt, str) and isinstance(prompt, Sequence) and all(
         isinstance(m, Mapping) and "role" in m for m in prompt)
-
-
-def completion_text(completion: Any) -> str:
-    """The text of a completion in either TRL form: text, or a list of messages (their contents joined)."""
-    if isinstance(completion, str):
-        return completion
-    return "".join(str(m.get("content") or "") for m in completion if isinstance(m, Mapping))
 
 
 @dataclass(frozen=True)
@@ -253,11 +246,15 @@ def task_reward(task: Task) -> RewardFunction:
 
 def builtin_reward(name: str, task: Task | None = None, format_pattern: str = DEFAULT_FORMAT_PATTERN
                    ) -> RewardFunction:
-    """The built-in reward called `name` (accuracy, format)."""
+    """The built-in reward called `name` (accuracy, format, code_tests)."""
     if name == "accuracy":
         return accuracy_reward(task)
     if name == "format":
         return format_reward(format_pattern)
+    if name == "code_tests":  # the row's tests run on the completion's code in a sandbox (code_reward.py)
+        from .code_reward import code_tests_reward
+
+        return RewardFunction("code_tests", code_tests_reward(), "code_tests", user=False)
     raise ConfigError(f"unknown built-in reward {name!r}: built-ins are {', '.join(BUILTIN_REWARDS)}")
 
 

@@ -104,7 +104,7 @@ RewardItem = str | Callable[..., Any] | RewardFunction  # a built-in name, a spe
 
 def resolve_reward(item: RewardItem, task: Task | None = None, format_pattern: str = DEFAULT_FORMAT_PATTERN
                    ) -> RewardFunction:
-    """One reward: a built-in by name (accuracy, format), a "module:function" / "file.py:function" spec
+    """One reward: a built-in by name (accuracy, format, code_tests), a "module:function" / "file.py:function" spec
     (imported: this runs that code), a callable in TRL's convention, or a RewardFunction as it is."""
     if isinstance(item, RewardFunction):
         return item
