@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,15 @@ def _tie_embeddings(folder: Path) -> None:
     tensors = load_file(folder / "model.safetensors")
     tensors.pop("lm_head.weight", None)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.fixture
+def sandbox_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """For sandbox tests: TMPDIR (and tempfile's cached choice) pointed at a folder of the test's, checked empty
+    afterwards."""
+    folder = tmp_path / "tmpdir"
+    folder.mkdir()
+    monkeypatch.setenv("TMPDIR", str(folder))
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    yield folder
+    assert list(folder.iterdir()) == [], "a sandbox directory was left behind"

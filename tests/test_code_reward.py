@@ -23,17 +23,6 @@ LIMITS = SandboxLimits(timeout=60, cpu_seconds=2, output_bytes=64 << 10)  # gene
 ADD_TESTS = ["assert add(1, 2) == 3", "assert add(0, 0) == 0", "assert add(-1, 5) == 4"]
 
 
-@pytest.fixture
-def sandbox_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """TMPDIR (and tempfile's cached choice) pointed at a folder of the test's, checked empty afterwards."""
-    folder = tmp_path / "tmpdir"
-    folder.mkdir()
-    monkeypatch.setenv("TMPDIR", str(folder))
-    monkeypatch.setattr(tempfile, "tempdir", str(folder))
-    yield folder
-    assert list(folder.iterdir()) == [], "a sandbox directory was left behind"
-
-
 def fenced(code: str) -> str:
     return f"Here is my solution.\n```python\n{code}\n```\nIt adds."
 

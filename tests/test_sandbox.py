@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import tempfile
 import textwrap
 from pathlib import Path
 
@@ -15,17 +14,6 @@ from sparselayer.tasks.sandbox import SandboxLimits, SandboxResult, network_name
 
 # Generous: a loaded machine must never fail these. The CPU limit, not the wall clock, ends a busy loop.
 LIMITS = SandboxLimits(timeout=60, cpu_seconds=2, output_bytes=64 << 10)
-
-
-@pytest.fixture
-def sandbox_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """TMPDIR (and tempfile's cached choice) pointed at a folder of the test's, checked empty afterwards."""
-    folder = tmp_path / "tmpdir"
-    folder.mkdir()
-    monkeypatch.setenv("TMPDIR", str(folder))
-    monkeypatch.setattr(tempfile, "tempdir", str(folder))
-    yield folder
-    assert list(folder.iterdir()) == [], "a sandbox directory was left behind"
 
 
 def run(source: str, limits: SandboxLimits = LIMITS) -> SandboxResult:
