@@ -50,7 +50,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, shown: dict[str, str] | N
             if default is not None:
                 text = f"{text} (default: {default})" if text else f"default: {default}"
             flags = (config_flag(f), *f.metadata.get("aliases", ()))
-            if f.type == "bool":
+            if f.type in ("bool", "bool | None"):  # --x / --no-x; unset: the field's default
                 group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
                                    default=argparse.SUPPRESS, help=text.replace("%", "%%"))
             elif f.type.startswith("list"):  # --reward a b, or repeated: --reward a --reward b

@@ -96,7 +96,8 @@ class ModelConfig:
             TRITON_INTERPRET=1) | torch (chunked PyTorch) | auto (triton on CUDA, torch elsewhere; the environment
             variable SPARSELAYER_KERNELS=torch|triton overrides auto only)
         fused_layers: fused RMSNorm and SwiGLU kernels (forward + backward) in the trained layer(s) and every layer
-            above the lowest one; a frozen MLP keeps only its input for the backward (gate/up recomputed)
+            above the lowest one; a frozen MLP keeps only its input for the backward (gate/up recomputed); unset:
+            on with CUDA, off on CPU (there they cost time and saved no memory in bench_vs_trl)
         share_prompts: with the prefix cache, the rows of a GRPO group run their prompt once per layer and their
             completions attend to its keys and values (same loss and gradients; sdpa/eager attention; micro-batches
             hold whole groups): on | off | auto (where the work saved per layer and micro-batch reaches 1e8 FLOPs on
@@ -120,7 +121,7 @@ class ModelConfig:
     quant: str = "auto"
     prefix_cache_budget: str | None = None
     kernels: str = "auto"
-    fused_layers: bool = True
+    fused_layers: bool | None = None
     share_prompts: str = "auto"
     prefix_source: str = "auto"
 

@@ -75,7 +75,8 @@ class Trainer:
         self.quant = resolve_quant(m.quant, self.device, self.layers)  # frozen decoder layers via bitsandbytes
         quantize_frozen(self.model, self.layers, self.quant)
         self.kernels = resolve_kernels(m.kernels, self.device)  # --kernels: "torch" or "triton" from here on
-        if m.fused_layers:  # fused RMSNorm/SwiGLU where autograd runs (trained layers and above)
+        fused = m.fused_layers if m.fused_layers is not None else self.device.type == "cuda"  # unset: CUDA only
+        if fused:  # fused RMSNorm/SwiGLU where autograd runs (trained layers and above)
             use_fused_kernels(self.model, self.layers, self.kernels)
         self.forward = self._build_forward()
         self.head = LogProbHead(self.model.lm_head, config.rollout.temperature, m.fused_loss, self.kernels)

@@ -214,7 +214,7 @@ def test_saved_memory_of_fused_paths():
 def _trainer(model, **extra) -> Trainer:
     cfg = TrainConfig.from_mapping({"model": str(model), "layers": "1", "prompts_per_step": 4, "num_generations": 4,
                                     "micro_batch_size": 6, "dtype": "float32", "max_completion_length": 6,
-                                    "seed": 3, **extra})
+                                    "seed": 3, "fused_layers": True, **extra})
     return Trainer(cfg, task=DigitShareTask())
 
 
@@ -307,3 +307,18 @@ def test_cli_refuses_bad_kernels(capsys, tmp_path, monkeypatch, value):
     assert main(["train", "--kernels", value, "--max-steps", "1", "--no-progress"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("sparselayer: error:") and "--kernels" in err[0]
+
+
+def test_fused_layers_unset_means_cuda_only_and_the_flags_still_set_it(family_models):
+    """--fused-layers / --no-fused-layers set it; unset, the kernels are used with CUDA only (on CPU they cost
+    time and saved no memory in bench_vs_trl), so a CPU trainer keeps the stock modules."""
+    from sparselayer.cli import build_parser, resolve_train_config
+    from sparselayer.kernels.patch import patched_modules
+
+    def parsed(*flags: str) -> bool | None:
+        return resolve_train_config(build_parser().parse_args(["train", *flags])).model.fused_layers
+
+    assert (parsed(), parsed("--fused-layers"), parsed("--no-fused-layers")) == (None, True, False)
+    assert TrainConfig.from_mapping({"fused_layers": "false"}).model.fused_layers is False
+    assert patched_modules(_trainer(family_models["qwen3"], fused_layers=None).model) == []
+    assert patched_modules(_trainer(family_models["qwen3"]).model)  # fused_layers True in _trainer

@@ -147,6 +147,7 @@ def variant_config(cfg: StepBenchConfig, model: Path, variant: str) -> TrainConf
                                          "fused_layers": False, "fused_loss": False, "share_prompts": "off",
                                          "reference": "copy", "old_logp_pass": cfg.num_iterations > 1})
     return TrainConfig.from_mapping({**common, "layers": str(cfg.layer), "quant": cfg.quant,
+                                     "fused_layers": True,  # on every device: the recorded figures include them
                                      "share_prompts": "off" if variant == "sparse-no-share" else "auto",
                                      "prefix_source": "rollout" if variant == "sparse-rollout" else "trainer"})
 
