@@ -420,13 +420,16 @@ class Trainer:
         """The sampler correction's weights for a micro-batch (--vllm-importance-sampling-*; --tis-cap X is mode
         token_truncate with clip max X), where the engine reported sampling log-probs (vllm, remote; not hf)."""
         rl = self.config.rl
-        if sub.sampling_logp is None or (rl.tis_cap is None and not rl.vllm_importance_sampling_correction):
+        if sub.sampling_logp is None:
             return None
-        if rl.tis_cap is not None:
-            return sampling_correction(old, sub.sampling_logp, "token_truncate", None, rl.tis_cap, sub.completion_mask)
-        return sampling_correction(old, sub.sampling_logp, rl.vllm_importance_sampling_mode,
-                                   rl.vllm_importance_sampling_clip_min, rl.vllm_importance_sampling_clip_max,
-                                   sub.completion_mask)
+        if rl.tis_cap is not None:  # the alias
+            mode, low, high = "token_truncate", None, rl.tis_cap
+        elif rl.vllm_importance_sampling_correction:
+            mode, low, high = (rl.vllm_importance_sampling_mode, rl.vllm_importance_sampling_clip_min,
+                               rl.vllm_importance_sampling_clip_max)
+        else:
+            return None
+        return sampling_correction(old, sub.sampling_logp, mode, low, high, sub.completion_mask)
 
     def _step_shares(self, sb: StepBatch) -> tuple[list[list[int]], torch.Tensor]:
         """The micro-batch indices of each optimizer step on `sb` (--steps-per-generation) and their token weights
