@@ -1,11 +1,17 @@
 """Memory and time of GRPO loss forward + backward through a frozen LM head: fused vs naive.
 
-naive: materialized logits, log_softmax, gather (sparselayer.kernels.reference_grpo_loss);
+naive: what a standard trainer does: logits from the LM head in the model's dtype (a bfloat16 matmul on
+  CUDA), then float32 log_softmax and gather over the materialized tokens x vocab logits, then the same loss;
 fused: sparselayer.kernels.grpo_loss (chunked PyTorch on CPU, Triton on CUDA), the same objective on
-sparselayer.kernels.head_logprobs.
+sparselayer.kernels.head_logprobs;
+fused-torch: the chunked PyTorch backend on any device (sparselayer.kernels.fused_grpo_loss);
+liger: Liger-Kernel's LigerFusedLinearGRPOLoss with its defaults (torch.compile'd loss math, one sequence
+  per chunk; sequences of 1024 tokens), where liger_kernel is installed; the frozen head gets no gradient.
 
-Every (method, tokens, vocab) point runs in a fresh child process, so one run's allocator caches
-cannot hide another's memory. Peak EXTRA memory is measured after the inputs exist:
+On CPU every (method, tokens, vocab) point runs in a fresh child process, so one run's allocator
+caches cannot hide another's memory (the resident set counts them). On CUDA the points run in this
+process, one after another: the allocator's peak counts live bytes only, its cache is emptied between
+points, and one process saves a CUDA start per point. Peak EXTRA memory is measured after the inputs exist:
   CPU  rss_extra   peak resident set size over the first (cold) forward + backward minus the resident
                    size before it (VmHWM reset through /proc/self/clear_refs; a 1 ms /proc/self/statm
                    sampling thread where that is not allowed). Counts everything: torch, MKL, malloc.
@@ -25,6 +31,7 @@ point over --max-cpu-tflop of forward + backward work (about 6 x tokens x vocab 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -40,6 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = ROOT / "benchmarks" / "results" / "grpo_loss.json"
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MiB = 2**20
+METHODS = ("naive", "fused", "fused-torch", "liger")
+LIGER_SEQ_LEN = 1024
 
 
 # ---------------------------------------------------------------------------------------------- memory probes
@@ -121,17 +130,54 @@ def make_inputs(tokens: int, vocab: int, hidden: int, dtype: torch.dtype, device
 
 def step_fn(method: str, inputs: dict, chunk_tokens: int, chunk_vocab: int):
     """A closure running forward + backward of one method and dropping the gradient afterwards."""
-    from sparselayer.kernels import fused_grpo_loss, grpo_loss, reference_grpo_loss
+    from sparselayer.kernels import fused_grpo_loss, grpo_loss
+
+    if method == "liger":
+        return liger_step_fn(inputs)
 
     def run() -> None:
         if method == "naive":
-            loss, _ = reference_grpo_loss(**inputs)
-        elif inputs["hidden"].is_cuda:
+            loss = naive_grpo_loss(**inputs)
+        elif method == "fused" and inputs["hidden"].is_cuda:
             loss, _ = grpo_loss(**inputs)
         else:
             loss, _ = fused_grpo_loss(**inputs, chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab)
         loss.backward()
         inputs["hidden"].grad = None
+
+    return run
+
+
+def naive_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, old_logp: torch.Tensor,
+                    advantages: torch.Tensor, token_weights: torch.Tensor, epsilon: float, epsilon_high: float,
+                    beta: float, ref_logp: torch.Tensor | None) -> torch.Tensor:
+    """The loss as a standard trainer computes it: materialized logits in the model's dtype (its LM head's
+    matmul), log-probs in float32 (TRL's selective_log_softmax upcasts them), the same objective."""
+    from sparselayer.kernels.grpo_loss import weighted_loss
+
+    logits = (hidden @ weight.T).float()
+    logp = logits.log_softmax(dim=-1).gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+    return weighted_loss(logp, old_logp, advantages, token_weights, epsilon, epsilon_high, beta, ref_logp)
+
+
+def liger_step_fn(inputs: dict, seq_len: int = LIGER_SEQ_LEN):
+    """Forward + backward of Liger-Kernel's LigerFusedLinearGRPOLoss (as TRL builds it: its defaults, the
+    clip range and beta of this benchmark) on the same tokens cut into sequences of `seq_len`."""
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    h, tokens = inputs["hidden"], inputs["targets"].shape[0]
+    rows = max(1, tokens // seq_len)
+    shape = (rows, tokens // rows)
+    loss_fn = LigerFusedLinearGRPOLoss(beta=inputs["beta"], use_ref_model=inputs["beta"] > 0,
+                                       epsilon_low=inputs["epsilon"], epsilon_high=inputs["epsilon_high"])
+    ref = inputs["ref_logp"].view(shape) if inputs["ref_logp"] is not None else None
+
+    def run() -> None:
+        loss, _ = loss_fn(h.view(*shape, -1), inputs["weight"], inputs["targets"].view(shape),
+                          torch.ones(shape, device=h.device), inputs["advantages"].view(shape)[:, 0],
+                          ref_per_token_logps=ref, old_per_token_logps=inputs["old_logp"].view(shape))
+        loss.backward()
+        h.grad = None
 
     return run
 
@@ -211,6 +257,17 @@ def run_child(point: dict) -> dict:
     return result if result is not None else dict(point, error=(stderr.strip().splitlines() or ["failed"])[-1])
 
 
+def run_in_process(point: dict) -> dict:
+    """Measure one CUDA point in this process (the allocator's peak counts live bytes only); a failure,
+    out-of-memory included, becomes the point's `error`."""
+    try:
+        return measure(**point)
+    except Exception as exc:  # noqa: BLE001 - the table shows which point failed and why
+        return dict(point, error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    finally:
+        torch.cuda.empty_cache()
+
+
 def _cell(row: dict | None, key: str, fmt) -> str:
     """One table cell: the formatted value, the row's error (truncated), or '-'."""
     if row is None:
@@ -221,25 +278,35 @@ def _cell(row: dict | None, key: str, fmt) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    """Markdown table: one line per (tokens, vocab) with both methods side by side."""
+    """Markdown table: one line per (tokens, vocab), the methods side by side (time, peak extra memory) and
+    each against naive (memory share, speed-up); the alloc columns beside RSS on CPU."""
     mem = "rss_extra_bytes" if any("rss_extra_bytes" in r for r in rows) else "alloc_extra_bytes"
     label = mem.removesuffix("_bytes")
-    head = ["tokens", "vocab", "naive time s", "fused time s", f"naive {label} MiB", f"fused {label} MiB",
-            "naive alloc MiB", "fused alloc MiB", "fused/naive mem"]
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    others = [m for m in methods if m != "naive"] if "naive" in methods else []
+    head = (["tokens", "vocab"] + [f"{m} time s" for m in methods] + [f"{m} {label} MiB" for m in methods]
+            + ([f"{m} alloc MiB" for m in methods] if mem != "alloc_extra_bytes" else [])
+            + [f"{m}/naive mem" for m in others] + [f"naive/{m} time" for m in others])
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    secs, mib = (lambda t: f"{t:.2f}"), (lambda b: f"{b / MiB:.1f}")
+    secs, mib = (lambda t: f"{t:.3f}"), (lambda b: f"{b / MiB:.1f}")
     for tokens, vocab in sorted({(r["tokens"], r["vocab"]) for r in rows}):
         by = {r["method"]: r for r in rows if (r["tokens"], r["vocab"]) == (tokens, vocab)}
-        naive, fused = by.get("naive"), by.get("fused")
-        ratio = "-"
-        if naive and fused and mem in naive and mem in fused:
-            ratio = f"{fused[mem] / max(naive[mem], 1):.1%}"
-        cells = [str(tokens), str(vocab), _cell(naive, "time_s", secs), _cell(fused, "time_s", secs),
-                 _cell(naive, mem, mib), _cell(fused, mem, mib), _cell(naive, "alloc_extra_bytes", mib),
-                 _cell(fused, "alloc_extra_bytes", mib), ratio]
+        cells = [str(tokens), str(vocab)] + [_cell(by.get(m), "time_s", secs) for m in methods]
+        cells += [_cell(by.get(m), mem, mib) for m in methods]
+        if mem != "alloc_extra_bytes":
+            cells += [_cell(by.get(m), "alloc_extra_bytes", mib) for m in methods]
+        cells += [_ratio(by.get(m), by.get("naive"), mem, "{:.1%}") for m in others]
+        cells += [_ratio(by.get("naive"), by.get(m), "time_s", "{:.2f}x") for m in others]
         out.append("| " + " | ".join(cells) + " |")
     reasons = sorted({f"{r['method']} {r['tokens']} x {r['vocab']}: {r['error']}" for r in rows if "error" in r})
     return "\n".join(out + [""] * bool(reasons) + reasons)
+
+
+def _ratio(top: dict | None, bottom: dict | None, key: str, fmt: str) -> str:
+    """top[key] / bottom[key] formatted, or '-' where either is missing."""
+    if not top or not bottom or top.get(key) is None or not bottom.get(key):
+        return "-"
+    return fmt.format(top[key] / bottom[key])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -250,7 +317,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, nargs="+", default=[32768, 151936])
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
-    p.add_argument("--methods", nargs="+", default=["naive", "fused"], choices=["naive", "fused"])
+    p.add_argument("--methods", nargs="+", default=["naive", "fused"], choices=METHODS,
+                   help="naive fused (default); fused-torch: the chunked PyTorch backend on CUDA too; liger: "
+                        "Liger-Kernel's LigerFusedLinearGRPOLoss (skipped where liger_kernel is not installed)")
     p.add_argument("--reps", type=int, default=3, help="timed warm runs per point (median reported)")
     p.add_argument("--beta", type=float, default=0.0)
     p.add_argument("--chunk-tokens", type=int, default=1024)
@@ -294,7 +363,10 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"naive {n} x {v}: {reason}", flush=True)
                     rows.append(dict(point, error=reason))
                     continue
-                rows.append(run_child(point))
+                if method == "liger" and importlib.util.find_spec("liger_kernel") is None:
+                    rows.append(dict(point, error="skipped: liger_kernel not installed"))
+                    continue
+                rows.append(run_in_process(point) if cuda else run_child(point))
                 print(json.dumps(rows[-1]), file=sys.stderr)
     table = format_table(rows)
     print(table)

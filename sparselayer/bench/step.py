@@ -126,9 +126,17 @@ def build_random_model(cfg: StepBenchConfig, folder: Path) -> Path:
                          num_key_value_heads=cfg.kv_heads, head_dim=cfg.hidden // cfg.heads,
                          max_position_embeddings=cfg.prompt_len + cfg.completion_len + 8, tie_word_embeddings=False,
                          eos_token_id=1, pad_token_id=0, bos_token_id=None)
-    model = Qwen3ForCausalLM(config)
-    if sum(p.numel() for p in model.parameters()) > 1e9:  # 8B-shaped: bfloat16 on disk (half the size)
-        model = model.to(torch.bfloat16)
+    with torch.device("meta"):
+        big = sum(p.numel() for p in Qwen3ForCausalLM(config).parameters()) > 1e9
+    # 8B-shaped: built in bfloat16 (half the size on disk), on the GPU when there is one (seconds, not minutes)
+    on = "cuda" if big and cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    default_dtype = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.bfloat16 if big else default_dtype)
+        with torch.device(on):
+            model = Qwen3ForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
     model.save_pretrained(folder, safe_serialization=True)
     del model
     build_tokenizer().save_pretrained(folder)

@@ -45,8 +45,19 @@ def accumulation_dtype(tensor: torch.Tensor) -> torch.dtype:
 
 
 @dataclass(frozen=True)
+class HeadForward:
+    """What a one-pass LM-head forward keeps for an elementwise backward: logsumexp and target logit (N,), the
+    off-target softmax mass q = 1 - p(target) (N,) and the off-target mean sum_{v != y} p_v W_v (N, H)."""
+
+    lse: torch.Tensor | None
+    target: torch.Tensor | None
+    off_mass: torch.Tensor
+    mean: torch.Tensor
+
+
+@dataclass(frozen=True)
 class LMHeadKernels:
-    """The two primitives of the fused LM-head log-probs; the autograd Function is shared."""
+    """The primitives of the fused LM-head log-probs; the autograd Function is shared."""
 
     # (hidden, weight, targets, temperature) -> (logsumexp (N,), target logit (N,)), both at temperature
     lse_and_target: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
@@ -55,6 +66,9 @@ class LMHeadKernels:
     # run grad_hidden on the tokens with a nonzero gradient only (padding costs nothing); it costs a
     # gather/scatter and, on a GPU, a device sync, so a backend whose tiles are cheap may leave it off
     skip_zero_grad: bool = True
+    # optional (hidden, weight, targets, temperature) -> HeadForward: when present and hidden requires grad, the
+    # forward keeps the off-target mass and mean and the backward is elementwise (no recompute)
+    lse_target_and_mean: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], HeadForward] | None = None
 
 
 @dataclass(frozen=True)

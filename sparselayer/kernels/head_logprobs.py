@@ -5,14 +5,24 @@ With z = h W^T / T, logp_t = z_t[y_t] - logsumexp(z_t) and g_t = dL/dlogp_t (fro
 
     dH_t = g_t / T * (W[y_t] - sum_v softmax(z_t)_v W_v)
 
-The forward streams over (vocab chunk, token chunk) tiles with an online logsumexp and keeps only the
-logsumexp (N,); the backward recomputes each tile, turns it into softmax * g / T and accumulates
-tile @ W_chunk. Peak extra memory is one chunk_tokens x chunk_vocab tile plus O(N x H), whatever the
-vocabulary size, and tokens whose gradient is zero (padding) are skipped in the backward.
+Chunked PyTorch backend (here; any device, the CPU default). When hidden requires grad, its forward streams
+over (vocab chunk, token chunk) tiles once and keeps, beside the logsumexp, the two things the backward
+needs: the off-target mass q_t = 1 - softmax(z_t)[y_t] and the off-target mean M_t = sum_{v != y_t}
+softmax(z_t)_v W_v (N x H, accumulated flash-style with the online maximum). Then
 
-Backends: chunked PyTorch (here; any device, the CPU default) and Triton (`head_logprobs_triton`, CUDA,
-or CPU under TRITON_INTERPRET=1), supplying the two `LMHeadKernels` primitives; the autograd Function
-is shared. Reference: `head_logprobs_reference.reference_logprobs`.
+    dH_t = g_t / T * ((1 - p_t) W[y_t] - M_t) = g_t / T * (q_t W[y_t] - M_t)
+
+is elementwise: forward + backward cost two tokens x vocab x hidden matmuls, as the materialized path does,
+instead of three (forward, then recompute and dH). The target column is left out of M and q so that a
+confident token (p_t near 1) loses no precision to cancellation. No-grad passes (old policy, reference) keep
+only the logsumexp (one matmul). On CUDA, 16-bit inputs run the matmuls in their own dtype (tensor cores,
+logits rounded as the model's own LM head rounds them; softmax and sums in float32); float32 inputs and
+the CPU run them in float32. Peak extra memory is one chunk_tokens x chunk_vocab tile plus O(N x H),
+whatever the vocabulary size.
+
+Triton backend (`head_logprobs_triton`, CUDA, or CPU under TRITON_INTERPRET=1): logsumexp forward, tiled
+recompute backward. The backends supply `LMHeadKernels` primitives; the autograd Function is shared.
+Reference: `head_logprobs_reference.reference_logprobs`.
 """
 from __future__ import annotations
 
@@ -21,7 +31,7 @@ import math
 
 import torch
 
-from .backend import LMHeadKernels, accumulation_dtype, resolve_backend
+from .backend import HeadForward, LMHeadKernels, accumulation_dtype, resolve_backend
 
 DEFAULT_CHUNK_TOKENS = 1024
 DEFAULT_CHUNK_VOCAB = 4096
@@ -31,9 +41,17 @@ DEFAULT_CHUNK_VOCAB = 4096
 # chunked PyTorch primitives
 
 
-def _scaled_hidden(hidden: torch.Tensor, temperature: float) -> torch.Tensor:
-    """hidden / T in the accumulation dtype, so that each logit tile is one matmul."""
-    h = hidden.to(accumulation_dtype(hidden))
+def matmul_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype of the logit and mean matmuls: 16-bit inputs keep theirs on CUDA (tensor cores); everything
+    else runs in the accumulation dtype (float32, or float64 for float64 inputs)."""
+    if hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16):
+        return hidden.dtype
+    return accumulation_dtype(hidden)
+
+
+def _scaled_hidden(hidden: torch.Tensor, temperature: float, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """hidden / T in `dtype` (default: the accumulation dtype), so that each logit tile is one matmul."""
+    h = hidden.to(dtype or accumulation_dtype(hidden))
     return h if temperature == 1.0 else h * (1.0 / temperature)
 
 
@@ -67,6 +85,49 @@ def chunked_lse_and_target(hidden: torch.Tensor, weight: torch.Tensor, targets: 
     return lse, _target_logits(h, weight, targets, chunk_tokens)
 
 
+def chunked_lse_target_and_mean(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                temperature: float, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                                chunk_vocab: int = DEFAULT_CHUNK_VOCAB) -> HeadForward:
+    """One pass over the tiles giving the logsumexp, the target logit, the off-target mass q (N,) and the
+    off-target mean M (N, H), all float32 (float64 for float64 inputs): what the elementwise backward needs."""
+    acc, mm = accumulation_dtype(hidden), matmul_dtype(hidden)
+    h = _scaled_hidden(hidden, temperature, mm)
+    n, vocab = h.shape[0], weight.shape[0]
+    y = targets.long()
+    target = _target_logits(h.to(acc), weight, targets, chunk_tokens)
+    run_max = torch.full((n,), -math.inf, dtype=acc, device=h.device)
+    run_sum = torch.zeros(n, dtype=acc, device=h.device)
+    mean = torch.zeros(n, h.shape[1], dtype=acc, device=h.device)
+    for v0 in range(0, vocab, chunk_vocab):
+        w = weight[v0 : v0 + chunk_vocab].to(mm)
+        for t0 in range(0, n, chunk_tokens):
+            t1 = t0 + chunk_tokens
+            z = torch.mm(h[t0:t1], w.T).to(acc)
+            inside = torch.nonzero((y[t0:t1] >= v0) & (y[t0:t1] < v0 + w.shape[0])).squeeze(1)
+            z[inside, y[t0:t1][inside] - v0] = -math.inf  # the target column: kept out of q and M
+            new_max = torch.maximum(run_max[t0:t1], z.amax(dim=1))
+            shift = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
+            rescale = (run_max[t0:t1] - shift).exp_()
+            z.sub_(shift.unsqueeze(1)).exp_()
+            run_sum[t0:t1] = run_sum[t0:t1] * rescale + z.sum(dim=1)
+            mean[t0:t1].mul_(rescale.unsqueeze(1)).add_(torch.mm(z.to(mm), w).to(acc))
+            run_max[t0:t1] = new_max
+            del z  # free the tile before the next one is allocated
+    top = torch.maximum(run_max, target)  # the target joins the sum last, outside q and M
+    off = run_sum * (run_max - top).exp()
+    total = off + (target - top).exp()
+    mean.mul_(((run_max - top).exp() / total).unsqueeze(1))
+    return HeadForward(top + total.log(), target, off / total, mean)
+
+
+def chunked_grad_from_mean(weight: torch.Tensor, targets: torch.Tensor, saved: HeadForward, grad_logp: torch.Tensor,
+                           temperature: float, dtype: torch.dtype) -> torch.Tensor:
+    """dH = g/T * (q W[y] - M): elementwise on what `chunked_lse_target_and_mean` kept."""
+    scale = grad_logp.to(saved.mean.dtype).unsqueeze(1) / temperature
+    rows = weight[targets.long()].to(saved.mean.dtype)
+    return ((saved.off_mass.unsqueeze(1) * rows).sub_(saved.mean)).mul_(scale).to(dtype)
+
+
 def chunked_grad_hidden(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
                         grad_logp: torch.Tensor, temperature: float, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
                         chunk_vocab: int = DEFAULT_CHUNK_VOCAB) -> torch.Tensor:
@@ -91,7 +152,9 @@ def torch_kernels(chunk_tokens: int = DEFAULT_CHUNK_TOKENS, chunk_vocab: int = D
         raise ValueError("chunk_tokens and chunk_vocab must be positive")
     return LMHeadKernels(
         lse_and_target=functools.partial(chunked_lse_and_target, chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab),
-        grad_hidden=functools.partial(chunked_grad_hidden, chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab))
+        grad_hidden=functools.partial(chunked_grad_hidden, chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab),
+        lse_target_and_mean=functools.partial(chunked_lse_target_and_mean, chunk_tokens=chunk_tokens,
+                                              chunk_vocab=chunk_vocab))
 
 
 def head_kernels(backend: str, device: torch.device) -> LMHeadKernels:
@@ -124,22 +187,31 @@ def _grad_active_tokens(kernels: LMHeadKernels, hidden: torch.Tensor, weight: to
 
 
 class HeadLogprobsFunction(torch.autograd.Function):
-    """hidden (N, H) -> logp (N,) through a frozen head: saves only the logsumexp (N,) beyond the inputs."""
+    """hidden (N, H) -> logp (N,) through a frozen head. Saves the logsumexp (N,) beyond the inputs, plus the
+    off-target mass and mean (N,), (N, H) where the backend computes them (then the backward is elementwise)."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
                 kernels: LMHeadKernels) -> torch.Tensor:
+        ctx.temperature, ctx.kernels, ctx.hidden_dtype = temperature, kernels, hidden.dtype
+        ctx.elementwise = ctx.needs_input_grad[0] and kernels.lse_target_and_mean is not None
+        if ctx.elementwise:
+            saved = kernels.lse_target_and_mean(hidden, weight, targets, temperature)
+            ctx.save_for_backward(weight, targets, saved.off_mass, saved.mean)
+            return saved.target - saved.lse
         lse, target_logit = kernels.lse_and_target(hidden, weight, targets, temperature)
         ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.temperature = temperature
-        ctx.kernels = kernels
         return target_logit - lse
 
     @staticmethod
     def backward(ctx, grad_logp: torch.Tensor):
-        hidden, weight, targets, lse = ctx.saved_tensors
         grad_hidden = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and ctx.elementwise:
+            weight, targets, off_mass, mean = ctx.saved_tensors
+            grad_hidden = chunked_grad_from_mean(weight, targets, HeadForward(None, None, off_mass, mean),
+                                                 grad_logp, ctx.temperature, ctx.hidden_dtype)
+        elif ctx.needs_input_grad[0]:
+            hidden, weight, targets, lse = ctx.saved_tensors
             grad_hidden = _grad_active_tokens(ctx.kernels, hidden, weight, targets, lse, grad_logp.contiguous(),
                                               ctx.temperature)
         return grad_hidden, None, None, None, None
