@@ -136,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "hidden 4096, vocab 151936, layer 16, nf4, sparse variant only)")
     helps = field_help(StepBenchConfig)
     for f in dataclasses.fields(StepBenchConfig):
-        step.add_argument(config_flag(f), dest=f.name, default=argparse.SUPPRESS, type=type(f.default),
+        kind = ({"action": argparse.BooleanOptionalAction} if isinstance(f.default, bool)
+                else {"type": type(f.default)})
+        step.add_argument(config_flag(f), dest=f.name, default=argparse.SUPPRESS, **kind,
                           help=f"{helps[f.name]} (default: {f.default}, or the preset's)")
     step.add_argument("--output", type=Path, default=Path("benchmarks/results/step.json"),
                       help="JSON file the results are written to")

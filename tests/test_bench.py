@@ -77,3 +77,14 @@ def test_full_variant_is_the_same_step_configured_as_a_standard_trainer(tmp_path
     assert any(hasattr(m, "_sparselayer_kernels") for m in sparse.model.modules())
     metrics = full.step()
     assert metrics["kl"] >= 0 and torch.isfinite(torch.tensor(metrics["loss"]))
+
+
+def test_bench_boolean_settings_parse_as_switches():
+    from sparselayer.bench.config import PRESETS
+    from sparselayer.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["bench", "step", "--gradient-checkpointing"]).gradient_checkpointing is True
+    assert parse(["bench", "step", "--no-gradient-checkpointing"]).gradient_checkpointing is False
+    assert not hasattr(parse(["bench", "step"]), "gradient_checkpointing")  # unset: the preset's, else False
+    assert PRESETS["qwen3-8b"]["gradient_checkpointing"] is True

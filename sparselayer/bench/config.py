@@ -11,7 +11,7 @@ PRESETS = {
     # full-parameter AdamW on 8B (weights, grads, two moments, a reference copy: over 100 GB) fits no
     # single GPU, so this preset measures the layer-sparse step alone unless --variants says otherwise
     "qwen3-8b": dict(num_layers=36, hidden=4096, intermediate=12288, vocab=151936, heads=32, kv_heads=8, layer=16,
-                     quant="nf4", variants="sparse"),
+                     quant="nf4", variants="sparse", gradient_checkpointing=True),
 }
 # sparse-no-share: the layer-sparse step with --share-prompts off, to show what sharing a group's prompt adds;
 # sparse-rollout: the layer-sparse step with --prefix-source rollout (no frozen-prefix pass in the trainer)
@@ -47,6 +47,9 @@ class StepBenchConfig:
             rollout's captured states); the ratios need full and sparse
         capture_engine: with sparse-rollout, the real engine that measures what capturing costs sampling (time with
             and without it, bytes held during generation): auto (vllm where installed, else hf) | vllm | hf | none
+        gradient_checkpointing: every variant recomputes the trained layer(s) and those above in the backward
+            instead of keeping their activations (TRL's default; the qwen3-8b preset turns it on: without it the
+            20 layers from 16 up keep about 1 GB each per 8 x 1152-token micro-batch)
     """
 
     num_layers: int = 24
@@ -70,6 +73,7 @@ class StepBenchConfig:
     quant: str = "none"
     variants: str = "full,sparse"
     capture_engine: str = "auto"
+    gradient_checkpointing: bool = False
 
 
 def parse_variants(text: str) -> list[str]:

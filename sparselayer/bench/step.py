@@ -149,7 +149,8 @@ def variant_config(cfg: StepBenchConfig, model: Path, variant: str) -> TrainConf
     common = {"model": str(model), "prompts_per_step": cfg.prompts, "num_generations": cfg.generations,
               "num_iterations": cfg.num_iterations, "beta": cfg.beta, "micro_batch_size": cfg.micro_batch_size,
               "max_completion_length": cfg.completion_len, "seed": cfg.seed, "dtype": cfg.dtype,
-              "device": cfg.device, "learning_rate": 1e-5, "loss_type": "grpo"}
+              "device": cfg.device, "learning_rate": 1e-5, "loss_type": "grpo",
+              "gradient_checkpointing": cfg.gradient_checkpointing}
     if variant == "full":  # every parameter, stock modules, separate reference model and old-policy pass
         return TrainConfig.from_mapping({**common, "layers": "all", "quant": "none", "prefix_cache": False,
                                          "fused_layers": False, "fused_loss": False, "share_prompts": "off",
