@@ -334,47 +334,53 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run every requested point in a child process, print the table, write JSON."""
+    """Run every requested point (a child process each on CPU), print the table, write JSON after every point
+    (so a run stopped early keeps what it measured). Method by method: a slow or failing method comes last."""
     args = parse_args(argv)
     if args.worker:
         print(json.dumps(measure(**json.loads(args.worker))))
         return 0
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     cuda = device == "cuda"
-    tokens, vocabs = args.tokens, args.vocab
     dtype = args.dtype or ("bfloat16" if cuda else "float32")
     limit = args.memory_limit_gb * 2**30 if args.memory_limit_gb else 0.8 * available_bytes(device)
-    rows = []
-    for n in tokens:
-        for v in vocabs:
-            for method in args.methods:
+    meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), cpu_count=os.cpu_count(), device=device,
+                device_name=torch.cuda.get_device_name(0) if cuda else "cpu")
+    rows: list[dict] = []
+    for method in args.methods:
+        for n in args.tokens:
+            for v in args.vocab:
                 point = dict(method=method, tokens=n, vocab=v, hidden=args.hidden, dtype=dtype, device=device,
                              reps=args.reps, beta=args.beta, chunk_tokens=args.chunk_tokens,
                              chunk_vocab=args.chunk_vocab)
-                if not cuda and work_tflop(n, v, args.hidden) > args.max_cpu_tflop:
-                    reason = (f"skipped: ~{work_tflop(n, v, args.hidden):.1f} TFLOP per run on CPU, over "
-                              f"--max-cpu-tflop {args.max_cpu_tflop:g}")
-                    print(f"{method} {n} x {v}: {reason}", flush=True)
-                    rows.append(dict(point, error=reason))
-                    continue
-                if method == "naive" and not naive_fits(n, v, device, limit):
-                    reason = (f"skipped: needs ~{naive_bytes(n, v) / 2**30:.0f} GiB, "
-                              f"limit {limit / 2**30:.0f} GiB")
-                    print(f"naive {n} x {v}: {reason}", flush=True)
-                    rows.append(dict(point, error=reason))
-                    continue
-                if method == "liger" and importlib.util.find_spec("liger_kernel") is None:
-                    rows.append(dict(point, error="skipped: liger_kernel not installed"))
-                    continue
-                rows.append(run_in_process(point) if cuda else run_child(point))
-                print(json.dumps(rows[-1]), file=sys.stderr)
-    table = format_table(rows)
-    print(table)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), cpu_count=os.cpu_count(), device=device)
-    args.output.write_text(json.dumps(dict(meta=meta, results=rows, table=table), indent=2) + "\n")
+                reason = skip_reason(point, cuda, limit, args.max_cpu_tflop)
+                rows.append(dict(point, error=reason) if reason else
+                            run_in_process(point) if cuda else run_child(point))
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+                write_results(args.output, meta, rows)
+    print(format_table(rows))
     print(f"wrote {args.output}")
     return 0
+
+
+def skip_reason(point: dict, cuda: bool, limit_bytes: float, max_cpu_tflop: float) -> str | None:
+    """Why a point is not measured (CPU work over the cap, naive over the memory limit, Liger not installed)."""
+    n, v, hidden = point["tokens"], point["vocab"], point["hidden"]
+    if not cuda and work_tflop(n, v, hidden) > max_cpu_tflop:
+        return f"skipped: ~{work_tflop(n, v, hidden):.1f} TFLOP per run on CPU, over --max-cpu-tflop {max_cpu_tflop:g}"
+    if point["method"] == "naive" and not naive_fits(n, v, point["device"], limit_bytes):
+        return f"skipped: needs ~{naive_bytes(n, v) / 2**30:.0f} GiB, limit {limit_bytes / 2**30:.0f} GiB"
+    if point["method"] == "liger" and importlib.util.find_spec("liger_kernel") is None:
+        return "skipped: liger_kernel not installed"
+    return None
+
+
+def write_results(output: Path, meta: dict, rows: list[dict]) -> None:
+    """The JSON (meta, rows, table) written atomically: a reader never sees half a file."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + ".tmp")
+    tmp.write_text(json.dumps(dict(meta=meta, results=rows, table=format_table(rows)), indent=2) + "\n")
+    os.replace(tmp, output)
 
 
 if __name__ == "__main__":

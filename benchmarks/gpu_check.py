@@ -93,11 +93,12 @@ class StageResult:
 
 @dataclass
 class Stage:
-    """A stage: its own time limit, the command it runs (None: runs in this process) and how its figures are
-    read back from what the command wrote."""
+    """A stage: its own time limit, the time kept for it while earlier stages run, the command it runs (None:
+    runs in this process) and how its figures are read back from what the command wrote."""
 
     name: str
     cap_s: float
+    reserve_s: float
     command: Callable[[Context], list[str]] | None
     read: Callable[[Context], dict[str, Any]]
 
@@ -239,13 +240,13 @@ def read_environment(ctx: Context) -> dict[str, Any]:
     return figures
 
 
-STAGES = (
-    Stage("environment", 30, None, read_environment),
-    Stage("kernel_tests", 150, kernel_tests_command, read_kernel_tests),
-    Stage("fused_loss", 120, fused_loss_command, read_fused_loss),
-    Stage("step", 90, step_command, read_step),
-    Stage("train", 120, train_command, read_train),
-    Stage("step_8b_nf4", 240, step_8b_command, read_step_8b),
+STAGES = (  # name, cap, reserve (s): the caps add up to more than the budget, the reserves to less
+    Stage("environment", 30, 0, None, read_environment),
+    Stage("kernel_tests", 150, 60, kernel_tests_command, read_kernel_tests),
+    Stage("fused_loss", 150, 60, fused_loss_command, read_fused_loss),
+    Stage("step", 90, 40, step_command, read_step),
+    Stage("train", 120, 50, train_command, read_train),
+    Stage("step_8b_nf4", 240, 150, step_8b_command, read_step_8b),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
@@ -253,28 +254,28 @@ STAGE_NAMES = tuple(s.name for s in STAGES)
 # ---------------------------------------------------------------------------------------------- running
 
 
-def run_stage(stage: Stage, ctx: Context) -> StageResult:
-    """Run one stage under min(its cap, the time left); its output goes to the log; read its figures."""
-    left = ctx.deadline - time.monotonic() - REPORT_RESERVE_S
+def run_stage(stage: Stage, ctx: Context, kept_for_later: float = 0.0) -> StageResult:
+    """Run one stage under min(its cap, the time left less what the later stages keep); its output goes to the
+    log; read its figures (also those a stopped stage left)."""
+    left = ctx.deadline - time.monotonic() - REPORT_RESERVE_S - kept_for_later
     if left < MIN_STAGE_S:
         return StageResult(stage.name, "not run", error=f"out of time ({max(left, 0):.0f} s left)")
     t0 = time.monotonic()
     command = stage.command(ctx) if stage.command else None
+    status, error = "ok", None
     if command is not None:
         code = run_logged(stage.name, command, ctx, timeout=min(stage.cap_s, left))
-        seconds = time.monotonic() - t0
         if code is None:
-            return StageResult(stage.name, "timed out", seconds, error=f"killed after {min(stage.cap_s, left):.0f} s; "
-                               + log_tail(ctx.log), command=command)
-        if code != 0:
-            return StageResult(stage.name, "failed", seconds, error=f"exit {code}: " + log_tail(ctx.log),
-                               command=command)
-    try:
+            status, error = "timed out", f"killed after {min(stage.cap_s, left):.0f} s; " + log_tail(ctx.log)
+        elif code != 0:
+            status, error = "failed", f"exit {code}: " + log_tail(ctx.log)
+    try:  # a stage stopped early may still have written part of its figures (the loss grid writes per point)
         figures = stage.read(ctx)
     except Exception as exc:  # noqa: BLE001 - a stage whose output cannot be read is a failed stage
-        return StageResult(stage.name, "failed", time.monotonic() - t0, error=f"reading its output: {exc!r}",
-                           command=command)
-    return StageResult(stage.name, "ok", time.monotonic() - t0, figures, command=command)
+        figures = {}
+        if status == "ok":
+            status, error = "failed", f"reading its output: {exc!r}"
+    return StageResult(stage.name, status, time.monotonic() - t0, figures, error, command)
 
 
 def run_logged(name: str, command: list[str], ctx: Context, timeout: float) -> int | None:
@@ -453,11 +454,10 @@ def main(argv: list[str] | None = None) -> int:
                   args.out / "gpu_check.log")
     ctx.log.write_text("")
     results: dict[str, StageResult] = {}
-    for stage in STAGES:
-        if stage.name in chosen:
-            results[stage.name] = run_stage(stage, ctx)
-            r = results[stage.name]
-            print(f"[gpu_check] {r.name}: {r.status} in {r.seconds:.0f} s", flush=True)
+    stages = [s for s in STAGES if s.name in chosen]
+    for i, stage in enumerate(stages):
+        r = results[stage.name] = run_stage(stage, ctx, sum(later.reserve_s for later in stages[i + 1:]))
+        print(f"[gpu_check] {r.name}: {r.status} in {r.seconds:.0f} s", flush=True)
     report = {"dry_run": args.dry_run, "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
               "seconds": time.monotonic() - start, "budget_s": args.budget_s,
               "stages": {name: vars(r) for name, r in results.items()}, "targets": targets(results)}

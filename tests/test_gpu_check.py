@@ -29,7 +29,7 @@ gpu_check = _load()
 
 def _context(tmp_path: Path, budget_s: float = 600.0):
     work = tmp_path / "work"
-    work.mkdir()
+    work.mkdir(parents=True)
     return gpu_check.Context(tmp_path, work, True, gpu_check.child_env(work, None, True),
                              time.monotonic() + budget_s, tmp_path / "gpu_check.log")
 
@@ -76,13 +76,13 @@ def test_dry_run_children_lack_what_the_gpu_image_lacks(tmp_path):
 def test_a_failing_stage_is_recorded_and_the_next_one_still_runs(tmp_path):
     ctx = _context(tmp_path)
     ctx.log.write_text("")
-    bad = gpu_check.Stage("bad", 60, lambda c: [sys.executable, "-c", "print('about to fail'); raise SystemExit(3)"],
+    bad = gpu_check.Stage("bad", 60, 0, lambda c: [sys.executable, "-c", "print('about to fail'); raise SystemExit(3)"],
                           lambda c: {})
-    good = gpu_check.Stage("good", 60, lambda c: [sys.executable, "-c", "print('fine')"], lambda c: {"x": 1})
+    good = gpu_check.Stage("good", 60, 0, lambda c: [sys.executable, "-c", "print('fine')"], lambda c: {"x": 1})
     first, second = gpu_check.run_stage(bad, ctx), gpu_check.run_stage(good, ctx)
     assert first.status == "failed" and "exit 3" in first.error and "about to fail" in first.error
     assert second.status == "ok" and second.figures == {"x": 1}
-    unreadable = gpu_check.Stage("unreadable", 60, lambda c: [sys.executable, "-c", "pass"],
+    unreadable = gpu_check.Stage("unreadable", 60, 0, lambda c: [sys.executable, "-c", "pass"],
                                  lambda c: json.loads((c.out / "missing.json").read_text()))
     assert gpu_check.run_stage(unreadable, ctx).status == "failed"
 
@@ -96,7 +96,7 @@ def test_an_overrunning_stage_is_killed_with_its_children(tmp_path):
     parent = tmp_path / "parent.py"
     parent.write_text(f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, {str(grandchild)!r}])\n"
                       "time.sleep(120)\n")
-    slow = gpu_check.Stage("slow", 3, lambda c: [sys.executable, str(parent)], lambda c: {})
+    slow = gpu_check.Stage("slow", 3, 0, lambda c: [sys.executable, str(parent)], lambda c: {})
     result = gpu_check.run_stage(slow, ctx)
     assert result.status == "timed out" and "killed after 3 s" in result.error
     time.sleep(9)  # a surviving grandchild would have written its marker by now
@@ -105,9 +105,12 @@ def test_an_overrunning_stage_is_killed_with_its_children(tmp_path):
 
 def test_no_stage_starts_without_time_for_it(tmp_path):
     ctx = _context(tmp_path, budget_s=gpu_check.REPORT_RESERVE_S + 1)
-    stage = gpu_check.Stage("late", 60, lambda c: [sys.executable, "-c", "pass"], lambda c: {})
+    stage = gpu_check.Stage("late", 60, 0, lambda c: [sys.executable, "-c", "pass"], lambda c: {})
     result = gpu_check.run_stage(stage, ctx)
     assert result.status == "not run" and "out of time" in result.error
+    roomy = _context(tmp_path / "roomy", budget_s=300)
+    assert gpu_check.run_stage(stage, roomy, kept_for_later=290).status == "not run"  # kept for later stages
+    assert gpu_check.run_stage(stage, roomy, kept_for_later=100).status == "ok"
 
 
 def test_targets_read_the_figures():
@@ -141,3 +144,15 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def test_a_stopped_stage_keeps_the_figures_it_wrote(tmp_path):
+    ctx = _context(tmp_path)
+    ctx.log.write_text("")
+    script = tmp_path / "partial.py"
+    script.write_text(f"import json, pathlib, time\npathlib.Path({str(tmp_path / 'part.json')!r}).write_text("
+                      "json.dumps({'points': 1}))\ntime.sleep(120)\n")
+    stage = gpu_check.Stage("partial", 5, 0, lambda c: [sys.executable, str(script)],
+                            lambda c: json.loads((c.out / "part.json").read_text()))
+    result = gpu_check.run_stage(stage, ctx)
+    assert result.status == "timed out" and result.figures == {"points": 1}

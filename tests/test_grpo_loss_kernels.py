@@ -458,3 +458,27 @@ def test_triton_large_logits_on_policy_and_dispatch(monkeypatch):
     assert rel_err(got.cpu(), want) < 1e-5
     got = triton_logprobs(case.hidden.to(DEVICE), case.weight.to(DEVICE), case.targets.to(DEVICE), 0.5)
     assert rel_err(got.cpu(), want) < 1e-5 and not got.requires_grad
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_backward_ragged_vocab_groups(dtype):
+    """The backward's work items: the last group of vocab blocks is ragged (one partial block), N is not a multiple
+    of BLOCK_N and there are more items than programs (each program walks several); dH against float64 autograd."""
+    from sparselayer.kernels import head_logprobs_triton as kernels
+
+    b = kernels._blocks()
+    vocab = b["block_v"] * (2 * b["vocab_blocks"] + 1) - 9  # 2 full groups, then one partial block
+    case = make_case(14, "grpo", dtype, temperature=0.8, batch=4, length=b["block_n"] + 1, hidden=40, vocab=vocab)
+    n = case.targets.shape[0]
+    items = math.ceil(n / b["block_n"]) * 3  # token blocks x 3 vocab groups
+    assert n % b["block_n"] and vocab % b["block_v"]
+    assert not kernels.INTERPRETED or items > 2 * kernels.INTERPRETER_BACKWARD_PROGRAMS
+    upstream = torch.randn(n, generator=torch.Generator().manual_seed(15))
+    h = case.hidden.to(DEVICE, copy=True).requires_grad_()
+    head_logprobs(h, case.weight.to(DEVICE), case.targets.to(DEVICE), 0.8, backend="triton").backward(
+        upstream.to(DEVICE))
+    h64 = case.hidden.double().requires_grad_()
+    reference_logprobs(h64, case.weight.double(), case.targets, 0.8).backward(upstream.double())
+    assert h.grad.dtype == dtype
+    assert_close(h.grad, h64.grad, TOLERANCE[dtype])

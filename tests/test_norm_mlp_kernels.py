@@ -77,6 +77,7 @@ def test_rms_norm_matches_reference(backend, dtype, trained):
 @pytest.mark.parametrize("elements", [1, 45 * 7, 10**9])
 def test_torch_rms_norm_any_chunking(monkeypatch, elements):
     monkeypatch.setattr(norm_mlp, "CHUNK_ELEMENTS", elements)
+    monkeypatch.setattr(norm_mlp, "CUDA_CHUNK_ELEMENTS", elements)
     g = torch.Generator().manual_seed(2)
     x, w = leaf(torch.randn(39, 45, generator=g), torch.float32), leaf(torch.randn(45, generator=g), torch.float32)
     rms_norm(x, w, 1e-5, "torch").sum().backward()
@@ -147,6 +148,7 @@ def mlp_weights(seed: int, hidden: int = 45, inter: int = 70, bias: bool = False
 @pytest.mark.parametrize("bias", [False, True])
 def test_frozen_mlp_matches_reference(monkeypatch, backend, dtype, bias):
     monkeypatch.setattr(norm_mlp, "CHUNK_ELEMENTS", 70 * 9)  # 9-row chunks over 39 rows
+    monkeypatch.setattr(norm_mlp, "CUDA_CHUNK_ELEMENTS", 70 * 9)
     g = torch.Generator().manual_seed(4)
     x = leaf(torch.randn(3, 13, 45, generator=g), dtype)
     params = [None if t is None else t.to(DEVICE, dtype) for t in mlp_weights(5, bias=bias)]
@@ -253,7 +255,7 @@ def test_patch_scope_generation_and_restore(family_models):
     trainer = _trainer(family_models["qwen3"], fused_layers=False, layers="2")
     model = trainer.model
     keys = list(model.state_dict())
-    ids = torch.tensor([[5, 6, 7, 8]])
+    ids = torch.tensor([[5, 6, 7, 8]], device=model.device)
     before = model.generate(ids, max_new_tokens=6, do_sample=False)
     count = use_fused_kernels(model, [2], "torch")
     names = patched_modules(model)
@@ -320,5 +322,5 @@ def test_fused_layers_unset_means_cuda_only_and_the_flags_still_set_it(family_mo
 
     assert (parsed(), parsed("--fused-layers"), parsed("--no-fused-layers")) == (None, True, False)
     assert TrainConfig.from_mapping({"fused_layers": "false"}).model.fused_layers is False
-    assert patched_modules(_trainer(family_models["qwen3"], fused_layers=None).model) == []
+    assert patched_modules(_trainer(family_models["qwen3"], fused_layers=None, device="cpu").model) == []
     assert patched_modules(_trainer(family_models["qwen3"]).model)  # fused_layers True in _trainer

@@ -2,9 +2,14 @@
 
 Forward: one program per block of BLOCK_N tokens loops over vocab blocks; each logit tile is
 tl.dot(hidden block, weight block) over H in BLOCK_K steps, folded into an online max / sum-exp, and
-the target logit is picked from the tile that holds it. Backward: one program per (token block, vocab
-block) recomputes its logit tile, forms d = g/T * (onehot - softmax) and atomically adds d @ W_block
-into an fp32 dH buffer, BLOCK_H columns at a time; no tokens x vocab tensor exists at any point.
+the target logit is picked from the tile that holds it. Backward: a persistent grid whose programs walk
+work items of (token block, group of vocab_blocks vocab blocks); per item a program recomputes each logit
+tile once, stores d = g/T * (onehot - softmax) into its private cache slot (L2-sized, not tokens x vocab),
+then for each BLOCK_H columns of dH sums cache tile @ W block over the group in registers and atomically
+adds the sum into an fp32 dH buffer: cdiv(V, BLOCK_V * vocab_blocks) atomic adds per dH element (75 at
+V = 151936 on a GPU) instead of one per vocab block (1187). Keeping the sum over the group in registers
+without the cache would mean recomputing every logit tile once per BLOCK_H columns (H / BLOCK_H = 64x the
+logit flops at H = 4096), and a BLOCK_N x H accumulator does not fit in registers.
 
 Imports triton at import time; `head_logprobs.head_kernels` imports it only when the Triton backend is
 chosen. On CPU it runs under the interpreter: TRITON_INTERPRET=1 must be set before this module is first
@@ -23,8 +28,16 @@ from .backend import LMHeadKernels
 from .triton_common import INTERPRETED, check_operand
 
 # Tile sizes: tl.dot needs every dimension >= 16. GPU defaults; the interpreter is fastest with small ones.
-GPU_BLOCKS = dict(block_n=64, block_v=128, block_k=64, block_h=64)
-INTERPRETER_BLOCKS = dict(block_n=16, block_v=64, block_k=32, block_h=32)
+# vocab_blocks: vocab blocks per work item of the backward (one atomic add per dH element per item); the
+# interpreter's 2 keeps the loop over them and a ragged last group in the tests' small vocabularies.
+GPU_BLOCKS = dict(block_n=64, block_v=128, block_k=64, block_h=64, vocab_blocks=16)
+INTERPRETER_BLOCKS = dict(block_n=16, block_v=64, block_k=32, block_h=32, vocab_blocks=2)
+# Persistent backward programs: per SM on a GPU (each holds a BLOCK_N x vocab_blocks * BLOCK_V cache slot),
+# a few under the interpreter so that each program walks several work items in the tests.
+BACKWARD_PROGRAMS_PER_SM = 2
+INTERPRETER_BACKWARD_PROGRAMS = 3
+# Warps per program: the fp32 tiles (FMA dots, 4-byte operands) spill registers at 4 warps on sm_90.
+NUM_WARPS = {torch.float32: 8, torch.bfloat16: 4, torch.float16: 4}
 
 
 @triton.jit
@@ -69,32 +82,74 @@ def _lse_target_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, tgt_ptr, N, V, H, stride_h,
 
 
 @triton.jit
-def _grad_hidden_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, g_ptr, dh_ptr, N, V, H, stride_h, stride_w, inv_temp,
-                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-                        BLOCK_H: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """dH[rows] += (g/T * (onehot - softmax))[rows, cols] @ W[cols] for one (token, vocab) block pair."""
-    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    cols = (tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
-    row_ok = rows < N
-    col_ok = cols < V
-    targets = tl.load(t_ptr + rows, mask=row_ok, other=0)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    scale = tl.load(g_ptr + rows, mask=row_ok, other=0.0) * inv_temp
-    z = _logit_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, H, stride_h, stride_w, inv_temp,
-                    BLOCK_N, BLOCK_V, BLOCK_K, PRECISION, UPCAST)
-    onehot = tl.where(cols[None, :] == targets[:, None], 1.0, 0.0)
-    d = scale[:, None] * (onehot - tl.exp(z - lse[:, None]))
-    d = d.to(w_ptr.dtype.element_ty)  # the dot runs in the weight's dtype (tensor cores for 16-bit)
-    if UPCAST:
-        d = d.to(tl.float32)
+def _cache_d_tiles(h_ptr, w_ptr, cache_ptr, rows, row_ok, targets, lse, scale, block0, n_blocks, V, H, stride_h,
+                   stride_w, inv_temp, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                   PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Tile j of the cache = (g/T * (onehot - softmax))[rows, vocab block block0 + j] in the weight's dtype.
+
+    Each logit tile is computed once (full H); the dot of the second pass reads it back from the cache.
+    """
+    tile = tl.arange(0, BLOCK_N)[:, None] * BLOCK_V + tl.arange(0, BLOCK_V)[None, :]
+    for j in range(0, n_blocks):
+        cols = ((block0 + j) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+        z = _logit_tile(h_ptr, w_ptr, rows, cols, row_ok, cols < V, H, stride_h, stride_w, inv_temp,
+                        BLOCK_N, BLOCK_V, BLOCK_K, PRECISION, UPCAST)
+        onehot = tl.where(cols[None, :] == targets[:, None], 1.0, 0.0)
+        d = scale[:, None] * (onehot - tl.exp(z - lse[:, None]))
+        tl.store(cache_ptr + j * (BLOCK_N * BLOCK_V) + tile, d.to(cache_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _add_cached_d_times_w(w_ptr, cache_ptr, dh_ptr, rows, row_ok, block0, n_blocks, V, H, stride_w,
+                          BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                          PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """dH[rows] += sum_j cache tile j @ W[vocab block block0 + j]: per BLOCK_H columns, one register accumulator
+    over the item's vocab blocks and one atomic add (not one per vocab block)."""
+    tile = tl.arange(0, BLOCK_N)[:, None] * BLOCK_V + tl.arange(0, BLOCK_V)[None, :]
     for h0 in range(0, H, BLOCK_H):
         hs = h0 + tl.arange(0, BLOCK_H)
         h_ok = hs < H
-        w = tl.load(w_ptr + cols[:, None] * stride_w + hs[None, :], mask=col_ok[:, None] & h_ok[None, :], other=0.0)
-        if UPCAST:
-            w = w.to(tl.float32)
-        part = tl.dot(d, w, input_precision=PRECISION)
-        tl.atomic_add(dh_ptr + rows[:, None] * H + hs[None, :], part, mask=row_ok[:, None] & h_ok[None, :])
+        acc = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
+        for j in range(0, n_blocks):
+            cols = ((block0 + j) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+            d = tl.load(cache_ptr + j * (BLOCK_N * BLOCK_V) + tile)
+            w = tl.load(w_ptr + cols[:, None] * stride_w + hs[None, :], mask=(cols < V)[:, None] & h_ok[None, :],
+                        other=0.0)
+            if UPCAST:  # exact, as in _logit_tile
+                d = d.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(d, w, acc, input_precision=PRECISION)
+        tl.atomic_add(dh_ptr + rows[:, None] * H + hs[None, :], acc, mask=row_ok[:, None] & h_ok[None, :],
+                      sem="relaxed")  # only the sum matters: no ordering between the adds is needed
+
+
+@triton.jit
+def _grad_hidden_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, g_ptr, dh_ptr, cache_ptr, N, V, H, stride_h, stride_w,
+                        inv_temp, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                        BLOCK_H: tl.constexpr, VOCAB_BLOCKS: tl.constexpr, PRECISION: tl.constexpr,
+                        UPCAST: tl.constexpr):
+    """dH += (g/T * (onehot - softmax)) @ W, persistent: each program walks work items (a token block and a
+    group of VOCAB_BLOCKS vocab blocks, the last group ragged), token blocks fastest so that programs running
+    together read the same weight rows. Per item: its d tiles into the program's private cache slot, then one
+    atomic add per dH element (cdiv(V, BLOCK_V * VOCAB_BLOCKS) adds per element in all)."""
+    pid = tl.program_id(0)
+    token_blocks = tl.cdiv(N, BLOCK_N)
+    vocab_blocks = tl.cdiv(V, BLOCK_V)
+    cache = cache_ptr + pid.to(tl.int64) * (VOCAB_BLOCKS * BLOCK_N * BLOCK_V)
+    for item in range(pid, token_blocks * tl.cdiv(vocab_blocks, VOCAB_BLOCKS), tl.num_programs(0)):
+        rows = ((item % token_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        block0 = (item // token_blocks) * VOCAB_BLOCKS
+        n_blocks = tl.minimum(vocab_blocks - block0, VOCAB_BLOCKS)
+        row_ok = rows < N
+        targets = tl.load(t_ptr + rows, mask=row_ok, other=0)
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        scale = tl.load(g_ptr + rows, mask=row_ok, other=0.0) * inv_temp
+        _cache_d_tiles(h_ptr, w_ptr, cache, rows, row_ok, targets, lse, scale, block0, n_blocks, V, H, stride_h,
+                       stride_w, inv_temp, BLOCK_N, BLOCK_V, BLOCK_K, PRECISION, UPCAST)
+        tl.debug_barrier()  # the cache tiles are read by other threads of the program than wrote them
+        _add_cached_d_times_w(w_ptr, cache, dh_ptr, rows, row_ok, block0, n_blocks, V, H, stride_w,
+                              BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, UPCAST)
+        tl.debug_barrier()  # ... and rewritten by the next item only after every thread has read them
 
 
 def _blocks() -> dict[str, int]:
@@ -136,24 +191,39 @@ def triton_lse_and_target(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         _lse_target_kernel[(triton.cdiv(n, b["block_n"]),)](
             h, w, ops.targets, lse, tgt, n, v, hdim, h.stride(0), w.stride(0), 1.0 / temperature,
             BLOCK_N=b["block_n"], BLOCK_V=b["block_v"], BLOCK_K=b["block_k"], PRECISION=ops.precision,
-            UPCAST=ops.upcast)
+            UPCAST=ops.upcast, num_warps=NUM_WARPS[w.dtype])
     return lse, tgt
+
+
+def _backward_programs(device: torch.device, items: int) -> int:
+    """Persistent programs of the backward: enough to fill the GPU, never more than there are work items."""
+    if INTERPRETED:
+        return min(items, INTERPRETER_BACKWARD_PROGRAMS)
+    return min(items, torch.cuda.get_device_properties(device).multi_processor_count * BACKWARD_PROGRAMS_PER_SM)
 
 
 def triton_grad_hidden(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
                        grad_logp: torch.Tensor, temperature: float) -> torch.Tensor:
-    """dL/dhidden from saved logsumexp and dL/dlogp, by the backward kernel (fp32 atomics, then hidden's dtype)."""
+    """dL/dhidden from saved logsumexp and dL/dlogp, by the backward kernel (fp32 atomics, then hidden's dtype).
+
+    Besides dH it allocates one d-tile cache slot per program (BLOCK_N x vocab_blocks * BLOCK_V in the
+    weight's dtype: 256 KiB for 16-bit, 512 KiB for fp32 on a GPU), not a tokens x vocab tensor.
+    """
     ops = _prepare(hidden, weight, targets)
     h, w = ops.hidden, ops.weight
     (n, hdim), v = h.shape, w.shape[0]
     dh = torch.zeros(n, hdim, dtype=torch.float32, device=h.device)
     b = _blocks()
     if n:
-        grid = (triton.cdiv(n, b["block_n"]), triton.cdiv(v, b["block_v"]))
-        _grad_hidden_kernel[grid](
-            h, w, ops.targets, lse.float().contiguous(), grad_logp.float().contiguous(), dh, n, v, hdim,
+        tile = b["block_n"] * b["vocab_blocks"] * b["block_v"]
+        items = triton.cdiv(n, b["block_n"]) * triton.cdiv(triton.cdiv(v, b["block_v"]), b["vocab_blocks"])
+        programs = _backward_programs(h.device, items)
+        cache = torch.empty(programs, tile, dtype=w.dtype, device=h.device)
+        _grad_hidden_kernel[(programs,)](
+            h, w, ops.targets, lse.float().contiguous(), grad_logp.float().contiguous(), dh, cache, n, v, hdim,
             h.stride(0), w.stride(0), 1.0 / temperature, BLOCK_N=b["block_n"], BLOCK_V=b["block_v"],
-            BLOCK_K=b["block_k"], BLOCK_H=b["block_h"], PRECISION=ops.precision, UPCAST=ops.upcast)
+            BLOCK_K=b["block_k"], BLOCK_H=b["block_h"], VOCAB_BLOCKS=b["vocab_blocks"], PRECISION=ops.precision,
+            UPCAST=ops.upcast, num_warps=NUM_WARPS[w.dtype])
     return dh.to(hidden.dtype)
 
 

@@ -24,6 +24,9 @@ from .triton_common import INTERPRETED, check_operand
 NORM_TILE = 1024 if INTERPRETED else 8192
 ELEMENTWISE_BLOCK = 1024 if INTERPRETED else 4096
 MAX_NORM_PROGRAMS = 4 if INTERPRETED else 512
+# Warps of the backward programs: at Triton's default 4 they spill registers on sm_90 (SwiGLU at BLOCK=4096,
+# the norm at every width); 8 for SwiGLU and narrow norms, up to 32 for the widest rows (BLOCK_H >= 16384).
+ELEMENTWISE_BACKWARD_WARPS = 8
 
 
 @triton.jit
@@ -107,6 +110,11 @@ def _norm_blocks(h: int) -> tuple[int, int]:
     return max(1, NORM_TILE // block_h), block_h
 
 
+def _norm_backward_warps(block_h: int) -> int:
+    """Warps of the norm backward: 8, 16 at BLOCK_H = 8192, 32 from 16384 (no sm_90 spills up to 8192)."""
+    return min(32, max(8, block_h // 512))
+
+
 def triton_rms_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, rstd fp32) of a contiguous (N, H) x by the forward kernel."""
     _check(x, weight)
@@ -134,7 +142,7 @@ def triton_rms_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     if n:
         _rms_backward_kernel[(programs,)](dy.contiguous(), x, weight.contiguous(), rstd.float().contiguous(), dx,
                                           partial, n, h, rows_per_program, BLOCK_N=block_n, BLOCK_H=block_h,
-                                          NEED_DW=need_dw)
+                                          NEED_DW=need_dw, num_warps=_norm_backward_warps(block_h))
     return dx, partial.sum(0) if need_dw else None
 
 
@@ -158,7 +166,8 @@ def triton_swiglu_backward(grad: torch.Tensor, gate: torch.Tensor,
     n = gate.numel()
     if n:
         _swiglu_backward_kernel[(triton.cdiv(n, ELEMENTWISE_BLOCK),)](grad, gate, up, dgate, dup, n,
-                                                                      BLOCK=ELEMENTWISE_BLOCK)
+                                                                      BLOCK=ELEMENTWISE_BLOCK,
+                                                                      num_warps=ELEMENTWISE_BACKWARD_WARPS)
     return dgate, dup
 
 
