@@ -5,6 +5,8 @@ naive: what a standard trainer does: logits from the LM head in the model's dtyp
 fused: sparselayer.kernels.grpo_loss (chunked PyTorch on CPU, Triton on CUDA), the same objective on
 sparselayer.kernels.head_logprobs;
 fused-torch: the chunked PyTorch backend on any device (sparselayer.kernels.fused_grpo_loss);
+fused-recompute: the same without its one-pass forward: logsumexp only, the backward recomputes every tile
+  (three matmuls instead of two; what the one-pass forward saves);
 liger: Liger-Kernel's LigerFusedLinearGRPOLoss with its defaults (torch.compile'd loss math, one sequence
   per chunk; sequences of 1024 tokens), where liger_kernel is installed; the frozen head gets no gradient.
 
@@ -47,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = ROOT / "benchmarks" / "results" / "grpo_loss.json"
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MiB = 2**20
-METHODS = ("naive", "fused", "fused-torch", "liger")
+METHODS = ("naive", "fused", "fused-torch", "fused-recompute", "liger")
 LIGER_SEQ_LEN = 1024
 
 
@@ -140,6 +142,8 @@ def step_fn(method: str, inputs: dict, chunk_tokens: int, chunk_vocab: int):
             loss = naive_grpo_loss(**inputs)
         elif method == "fused" and inputs["hidden"].is_cuda:
             loss, _ = grpo_loss(**inputs)
+        elif method == "fused-recompute":
+            loss = recompute_grpo_loss(inputs, chunk_tokens, chunk_vocab)
         else:
             loss, _ = fused_grpo_loss(**inputs, chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab)
         loss.backward()
@@ -158,6 +162,19 @@ def naive_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     logits = (hidden @ weight.T).float()
     logp = logits.log_softmax(dim=-1).gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
     return weighted_loss(logp, old_logp, advantages, token_weights, epsilon, epsilon_high, beta, ref_logp)
+
+
+def recompute_grpo_loss(inputs: dict, chunk_tokens: int, chunk_vocab: int) -> torch.Tensor:
+    """The chunked PyTorch head without its one-pass forward (logsumexp only; the backward recomputes the tiles)."""
+    import dataclasses
+
+    from sparselayer.kernels.grpo_loss import weighted_loss
+    from sparselayer.kernels.head_logprobs import head_logprobs_with, torch_kernels
+
+    kernels = dataclasses.replace(torch_kernels(chunk_tokens, chunk_vocab), lse_target_and_mean=None)
+    logp = head_logprobs_with(kernels, inputs["hidden"], inputs["weight"], inputs["targets"])
+    rest = {k: v for k, v in inputs.items() if k not in ("hidden", "weight", "targets")}
+    return weighted_loss(logp, **rest)
 
 
 def liger_step_fn(inputs: dict, seq_len: int = LIGER_SEQ_LEN):

@@ -3,6 +3,7 @@ backward, against autograd through materialized float64 logits, on fresh random 
 1e-5, 16-bit matmuls (the CUDA path, forced here on CPU) within 1e-2; no matmul in the backward."""
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 
@@ -41,11 +42,14 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want).norm() / want.norm()).item()
 
 
+@pytest.mark.parametrize("one_pass", [True, False])  # False: the recomputing backward (bench_grpo_loss's A/B)
 @pytest.mark.parametrize("chunks", [(5, 7), (64, 1000), (1, 1)])
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
-def test_one_pass_matches_float64_autograd(chunks, temperature):
+def test_one_pass_matches_float64_autograd(chunks, temperature, one_pass):
     h, w, targets, upstream = _inputs(3, 37, 24, 301, torch.float32)
     kernels = torch_kernels(*chunks)
+    if not one_pass:
+        kernels = dataclasses.replace(kernels, lse_target_and_mean=None)
     x = h.clone().requires_grad_()
     logp = head_logprobs_with(kernels, x, w, targets, temperature)
     logp.backward(upstream)
