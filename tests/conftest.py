@@ -37,6 +37,19 @@ def make_tiny_model(folder: Path, num_layers: int = 4, hidden: int = 32, seed: i
     return folder
 
 
+def load_benchmark(name: str):
+    """benchmarks/<name>.py imported as the module `name` (the benchmarks are scripts, not a package)."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A 4-layer, hidden-32 random Qwen3 with the character tokenizer."""

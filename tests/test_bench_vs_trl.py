@@ -2,15 +2,12 @@
 no timing is asserted)."""
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_vs_trl.py"
 TINY = ["--num-layers", "2", "--hidden", "64", "--intermediate", "128", "--heads", "4", "--kv-heads", "2",
         "--layer", "1", "--prompts", "2", "--generations", "4", "--completion-len", "8", "--micro-batch-size", "4",
         "--batches", "1"]
@@ -18,11 +15,7 @@ TINY = ["--num-layers", "2", "--hidden", "64", "--intermediate", "128", "--heads
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_vs_trl", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_vs_trl"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_vs_trl")
 
 
 def test_defaults_are_the_acceptance_shape(bench):
