@@ -134,3 +134,21 @@ def test_nan_row_stays_in_its_row():
     others = torch.arange(12) != 5
     assert torch.isnan(logp[5]) and torch.isfinite(logp[others]).all()
     assert torch.isnan(x.grad[5]).all() and torch.isfinite(x.grad[others]).all()
+
+
+def test_tiles_are_larger_on_cuda():
+    from sparselayer.kernels.head_logprobs import (
+        CUDA_CHUNK_TOKENS,
+        CUDA_CHUNK_VOCAB,
+        DEFAULT_CHUNK_TOKENS,
+        DEFAULT_CHUNK_VOCAB,
+        head_kernels,
+    )
+
+    def tile(device: str) -> tuple[int, int]:
+        keywords = head_kernels("torch", torch.device(device)).lse_target_and_mean.keywords
+        return keywords["chunk_tokens"], keywords["chunk_vocab"]
+
+    assert tile("cpu") == (DEFAULT_CHUNK_TOKENS, DEFAULT_CHUNK_VOCAB)
+    assert tile("cuda") == (CUDA_CHUNK_TOKENS, CUDA_CHUNK_VOCAB)
+    assert CUDA_CHUNK_TOKENS * CUDA_CHUNK_VOCAB * 4 <= 2**27  # one float32 tile at most 128 MiB

@@ -35,6 +35,10 @@ from .backend import HeadForward, LMHeadKernels, accumulation_dtype, resolve_bac
 
 DEFAULT_CHUNK_TOKENS = 1024
 DEFAULT_CHUNK_VOCAB = 4096
+# On CUDA larger tiles (128 MiB of float32 logits): each tile is a handful of kernel launches, and at 4k x 1k
+# tiles the launches of a 152k vocabulary would cost about as much as its matmuls
+CUDA_CHUNK_TOKENS = 2048
+CUDA_CHUNK_VOCAB = 16384
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -85,6 +89,15 @@ def chunked_lse_and_target(hidden: torch.Tensor, weight: torch.Tensor, targets: 
     return lse, _target_logits(h, weight, targets, chunk_tokens)
 
 
+def _without_target(z: torch.Tensor, column: torch.Tensor) -> torch.Tensor:
+    """The tile with each row's target column (where it falls in the tile) set to -inf, in place and without a
+    device sync (no nonzero): rows whose target lies elsewhere write their own value back."""
+    inside = (column >= 0) & (column < z.shape[1])
+    index = column.clamp(0, z.shape[1] - 1).unsqueeze(1)
+    keep = z.gather(1, index).squeeze(1)
+    return z.scatter_(1, index, torch.where(inside, torch.full_like(keep, -math.inf), keep).unsqueeze(1))
+
+
 def chunked_lse_target_and_mean(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                 temperature: float, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
                                 chunk_vocab: int = DEFAULT_CHUNK_VOCAB) -> HeadForward:
@@ -102,9 +115,7 @@ def chunked_lse_target_and_mean(hidden: torch.Tensor, weight: torch.Tensor, targ
         w = weight[v0 : v0 + chunk_vocab].to(mm)
         for t0 in range(0, n, chunk_tokens):
             t1 = t0 + chunk_tokens
-            z = torch.mm(h[t0:t1], w.T).to(acc)
-            inside = torch.nonzero((y[t0:t1] >= v0) & (y[t0:t1] < v0 + w.shape[0])).squeeze(1)
-            z[inside, y[t0:t1][inside] - v0] = -math.inf  # the target column: kept out of q and M
+            z = _without_target(torch.mm(h[t0:t1], w.T).to(acc), y[t0:t1] - v0)
             new_max = torch.maximum(run_max[t0:t1], z.amax(dim=1))
             shift = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
             rescale = (run_max[t0:t1] - shift).exp_()
@@ -163,7 +174,7 @@ def head_kernels(backend: str, device: torch.device) -> LMHeadKernels:
         from .head_logprobs_triton import triton_kernels
 
         return triton_kernels()
-    return torch_kernels()
+    return torch_kernels(CUDA_CHUNK_TOKENS, CUDA_CHUNK_VOCAB) if device.type == "cuda" else torch_kernels()
 
 
 # ---------------------------------------------------------------------------------------------------
