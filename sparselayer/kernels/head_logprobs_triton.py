@@ -1,8 +1,9 @@
 """Triton primitives of the fused LM-head log-probs (same maths as the chunked PyTorch ones in head_logprobs.py).
 
-Forward: one program per block of BLOCK_N tokens loops over vocab blocks; each logit tile is
-tl.dot(hidden block, weight block) over H in BLOCK_K steps, folded into an online max / sum-exp, and
-the target logit is picked from the tile that holds it. Backward: a persistent grid whose programs walk
+Forward: one program per (block of BLOCK_N tokens, vocabulary split) loops over the split's vocab blocks;
+each logit tile is tl.dot(hidden block, weight block) over H in BLOCK_K steps, folded into an online max /
+sum-exp, and the target logit is picked from the tile that holds it; the splits' logsumexps are combined
+afterwards (splits fill the GPU when there are few token blocks). Backward: a persistent grid whose programs walk
 work items of (token block, group of vocab_blocks vocab blocks); per item a program recomputes each logit
 tile once, stores d = g/T * (onehot - softmax) into its private cache slot (L2-sized, not tokens x vocab),
 then for each BLOCK_H columns of dH sums cache tile @ W block over the group in registers and atomically
@@ -59,26 +60,32 @@ def _logit_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, H, stride_h, stride_w,
 
 
 @triton.jit
-def _lse_target_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, tgt_ptr, N, V, H, stride_h, stride_w, inv_temp,
+def _lse_target_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, tgt_ptr, N, V, H, stride_h, stride_w, inv_temp, span,
                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                        PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """Per token block: logsumexp over all vocab blocks (online max / sum-exp) and the target logit."""
+    """Per (token block, vocabulary split of `span` columns): the logsumexp over the split (online max /
+    sum-exp) and the target logit where the split holds it (0 elsewhere), into row program_id(1) of the
+    (splits, N) outputs; the caller combines the splits."""
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_ok = rows < N
     targets = tl.load(t_ptr + rows, mask=row_ok, other=0)
     m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     s = tl.zeros([BLOCK_N], dtype=tl.float32)
     picked = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for v0 in range(0, V, BLOCK_V):
+    start = tl.program_id(1) * span
+    stop = tl.minimum(start + span, V)
+    for v0 in range(start, stop, BLOCK_V):
         cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
-        z = _logit_tile(h_ptr, w_ptr, rows, cols, row_ok, cols < V, H, stride_h, stride_w, inv_temp,
+        z = _logit_tile(h_ptr, w_ptr, rows, cols, row_ok, cols < stop, H, stride_h, stride_w, inv_temp,
                         BLOCK_N, BLOCK_V, BLOCK_K, PRECISION, UPCAST)
         m_new = tl.maximum(m, tl.max(z, axis=1))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
         m = m_new
-        picked += tl.sum(tl.where(cols[None, :] == targets[:, None], z, 0.0), axis=1)
-    tl.store(lse_ptr + rows, m + tl.log(s), mask=row_ok)
-    tl.store(tgt_ptr + rows, picked, mask=row_ok)
+        hit = (cols[None, :] == targets[:, None]) & (cols < stop)[None, :]
+        picked += tl.sum(tl.where(hit, z, 0.0), axis=1)
+    out = tl.program_id(1).to(tl.int64) * N + rows
+    tl.store(lse_ptr + out, m + tl.log(s), mask=row_ok)
+    tl.store(tgt_ptr + out, picked, mask=row_ok)
 
 
 @triton.jit
@@ -184,15 +191,29 @@ def triton_lse_and_target(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     ops = _prepare(hidden, weight, targets)
     h, w = ops.hidden, ops.weight
     (n, hdim), v = h.shape, w.shape[0]
-    lse = torch.empty(n, dtype=torch.float32, device=h.device)
-    tgt = torch.empty(n, dtype=torch.float32, device=h.device)
     b = _blocks()
+    token_blocks, vocab_blocks = triton.cdiv(n, b["block_n"]), triton.cdiv(v, b["block_v"])
+    splits = _forward_splits(h.device, token_blocks, vocab_blocks)
+    span = triton.cdiv(vocab_blocks, splits) * b["block_v"]
+    splits = triton.cdiv(v, span)  # no empty split
+    lse = torch.empty(splits, n, dtype=torch.float32, device=h.device)
+    tgt = torch.empty(splits, n, dtype=torch.float32, device=h.device)
     if n:
-        _lse_target_kernel[(triton.cdiv(n, b["block_n"]),)](
-            h, w, ops.targets, lse, tgt, n, v, hdim, h.stride(0), w.stride(0), 1.0 / temperature,
+        _lse_target_kernel[(token_blocks, splits)](
+            h, w, ops.targets, lse, tgt, n, v, hdim, h.stride(0), w.stride(0), 1.0 / temperature, span,
             BLOCK_N=b["block_n"], BLOCK_V=b["block_v"], BLOCK_K=b["block_k"], PRECISION=ops.precision,
             UPCAST=ops.upcast, num_warps=NUM_WARPS[w.dtype])
-    return lse, tgt
+    return torch.logsumexp(lse, dim=0), tgt.sum(dim=0)
+
+
+def _forward_splits(device: torch.device, token_blocks: int, vocab_blocks: int) -> int:
+    """Vocabulary splits of the forward: enough (token block, split) programs to fill the GPU twice over when
+    there are few token blocks (one program per token block alone leaves SMs idle below 8k tokens); two under
+    the interpreter, so that the tests combine splits."""
+    if INTERPRETED:
+        return min(2, vocab_blocks)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(vocab_blocks, triton.cdiv(2 * sms, token_blocks)))
 
 
 def _backward_programs(device: torch.device, items: int) -> int:
