@@ -33,6 +33,7 @@ point over --max-cpu-tflop of forward + backward work (about 6 x tokens x vocab 
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import json
 import os
@@ -130,9 +131,15 @@ def make_inputs(tokens: int, vocab: int, hidden: int, dtype: torch.dtype, device
                 beta=beta, ref_logp=(old + 0.1).to(device) if beta > 0 else None)
 
 
-def step_fn(method: str, inputs: dict, chunk_tokens: int, chunk_vocab: int):
-    """A closure running forward + backward of one method and dropping the gradient afterwards."""
+def step_fn(method: str, inputs: dict, chunk_tokens: int | None, chunk_vocab: int | None):
+    """A closure running forward + backward of one method and dropping the gradient afterwards (tiles of the
+    chunked PyTorch head: the head's defaults for the device where None)."""
     from sparselayer.kernels import fused_grpo_loss, grpo_loss
+
+    head = importlib.import_module("sparselayer.kernels.head_logprobs")  # the package exports a function by that name
+    cuda = inputs["hidden"].is_cuda
+    chunk_tokens = chunk_tokens or (head.CUDA_CHUNK_TOKENS if cuda else head.DEFAULT_CHUNK_TOKENS)
+    chunk_vocab = chunk_vocab or (head.CUDA_CHUNK_VOCAB if cuda else head.DEFAULT_CHUNK_VOCAB)
 
     if method == "liger":
         return liger_step_fn(inputs)
@@ -200,7 +207,7 @@ def liger_step_fn(inputs: dict, seq_len: int = LIGER_SEQ_LEN):
 
 
 def measure(method: str, tokens: int, vocab: int, hidden: int, dtype: str, device: str, reps: int, beta: float,
-            chunk_tokens: int, chunk_vocab: int) -> dict:
+            chunk_tokens: int | None, chunk_vocab: int | None) -> dict:
     """Peak extra memory and median time of one (method, tokens, vocab) point, in this process."""
     inputs = make_inputs(tokens, vocab, hidden, getattr(torch, dtype), device, beta)
     run = step_fn(method, inputs, chunk_tokens, chunk_vocab)
@@ -339,8 +346,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "Liger-Kernel's LigerFusedLinearGRPOLoss (skipped where liger_kernel is not installed)")
     p.add_argument("--reps", type=int, default=3, help="timed warm runs per point (median reported)")
     p.add_argument("--beta", type=float, default=0.0)
-    p.add_argument("--chunk-tokens", type=int, default=1024)
-    p.add_argument("--chunk-vocab", type=int, default=4096)
+    p.add_argument("--chunk-tokens", type=int, default=None,
+                   help="tile of the chunked PyTorch head (default: the head's own, 1024 on CPU, 2048 on CUDA)")
+    p.add_argument("--chunk-vocab", type=int, default=None,
+                   help="tile of the chunked PyTorch head (default: the head's own, 4096 on CPU, 16384 on CUDA)")
     p.add_argument("--memory-limit-gb", type=float, default=None,
                    help="skip naive points needing more (default: 80%% of free memory)")
     p.add_argument("--max-cpu-tflop", type=float, default=1.0,
