@@ -208,7 +208,7 @@ def read_step_8b(ctx: Context) -> dict[str, Any]:
 
 
 def train_command(ctx: Context) -> list[str]:
-    extra = ["--max-steps", "2"] if ctx.dry_run else []
+    extra = ["--max-steps", "2", "--num-eval", "64"] if ctx.dry_run else []
     return python() + ["-m", "sparselayer", "train", "--layer", "16", "--rollout", "hf", "--device", ctx.device,
                        *extra, "--output-dir", str(ctx.work / "train")]
 
