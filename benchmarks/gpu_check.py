@@ -363,14 +363,16 @@ def targets(results: dict[str, StageResult]) -> list[dict[str, Any]]:
     """Each target with the figure that decides it and whether it was met (None: its stage gave no figure)."""
     kt, fl, big = (results[n].figures if n in results else {} for n in ("kernel_tests", "fused_loss", "step_8b_nf4"))
     share, speed = fl.get("fused_mem_share_of_naive"), fl.get("naive_over_fused_time")
+    tokens, vocab = fl.get("target_point", TARGET_POINT)
+    point = f"{tokens // 1024}k x {round(vocab / 1000)}k" if tokens >= 1024 else f"{tokens} x {vocab}"
     passed = kt.get("passed")
     return [
         {"target": "every CUDA kernel test passes", "figure": None if passed is None else
          f"{passed} passed, {kt['failed']} failed, {kt['errors']} errors, {kt['skipped']} skipped",
          "met": None if passed is None else kt["failed"] == kt["errors"] == 0 and passed > 0},
-        {"target": "fused loss at 8k x 152k at least as fast as naive", "figure": speed and f"naive/fused {speed:.2f}x",
+        {"target": f"fused loss at {point} at least as fast as naive", "figure": speed and f"naive/fused {speed:.2f}x",
          "met": None if speed is None else speed >= 1.0},
-        {"target": "fused loss at 8k x 152k at most 10% of naive's peak memory",
+        {"target": f"fused loss at {point} at most 10% of naive's peak memory",
          "figure": share and f"{share:.1%}", "met": None if share is None else share <= MAX_FUSED_MEM_SHARE},
         {"target": "8B-shaped nf4 sparse step under 22 GiB", "figure": big.get("peak_mem_gib") and
          f"{big['peak_mem_gib']:.2f} GiB", "met": None if "peak_mem_gib" not in big else
