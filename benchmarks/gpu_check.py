@@ -61,6 +61,8 @@ MAX_FUSED_MEM_SHARE = 0.10
 MAX_8B_PEAK_GIB = 22.0
 REPORT_RESERVE_S = 15.0  # kept back from the budget for the report
 MIN_STAGE_S = 20.0  # a stage with less time left than this is not started
+DRY_RUN_SLACK = 5.0  # the dry run's stages get 5x their caps and keep nothing for later stages: a CPU shared with
+# other jobs may run them several times slower, and only the budget (--budget-s) bounds the whole dry run
 
 
 @dataclass
@@ -265,9 +267,10 @@ def run_stage(stage: Stage, ctx: Context, kept_for_later: float = 0.0) -> StageR
     command = stage.command(ctx) if stage.command else None
     status, error = "ok", None
     if command is not None:
-        code = run_logged(stage.name, command, ctx, timeout=min(stage.cap_s, left))
+        limit = min(stage.cap_s * (DRY_RUN_SLACK if ctx.dry_run else 1), left)
+        code = run_logged(stage.name, command, ctx, timeout=limit)
         if code is None:
-            status, error = "timed out", f"killed after {min(stage.cap_s, left):.0f} s; " + log_tail(ctx.log)
+            status, error = "timed out", f"killed after {limit:.0f} s; " + log_tail(ctx.log)
         elif code != 0:
             status, error = "failed", f"exit {code}: " + log_tail(ctx.log)
     try:  # a stage stopped early may still have written part of its figures (the loss grid writes per point)
@@ -459,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, StageResult] = {}
     stages = [s for s in STAGES if s.name in chosen]
     for i, stage in enumerate(stages):
-        r = results[stage.name] = run_stage(stage, ctx, sum(later.reserve_s for later in stages[i + 1:]))
+        kept = 0.0 if args.dry_run else sum(later.reserve_s for later in stages[i + 1:])
+        r = results[stage.name] = run_stage(stage, ctx, kept)
         print(f"[gpu_check] {r.name}: {r.status} in {r.seconds:.0f} s", flush=True)
     report = {"dry_run": args.dry_run, "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
               "seconds": time.monotonic() - start, "budget_s": args.budget_s,

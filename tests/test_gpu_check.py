@@ -91,6 +91,7 @@ def test_an_overrunning_stage_is_killed_with_its_children(tmp_path):
     parent = tmp_path / "parent.py"
     parent.write_text(f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, {str(grandchild)!r}])\n"
                       "time.sleep(120)\n")
+    ctx.dry_run = False  # the real caps
     slow = gpu_check.Stage("slow", 3, 0, lambda c: [sys.executable, str(parent)], lambda c: {})
     result = gpu_check.run_stage(slow, ctx)
     assert result.status == "timed out" and "killed after 3 s" in result.error
@@ -143,11 +144,18 @@ def _cuda() -> bool:
 
 def test_a_stopped_stage_keeps_the_figures_it_wrote(tmp_path):
     ctx = _context(tmp_path)
+    ctx.dry_run = False  # the real caps
     ctx.log.write_text("")
-    script = tmp_path / "partial.py"
-    script.write_text(f"import json, pathlib, time\npathlib.Path({str(tmp_path / 'part.json')!r}).write_text("
-                      "json.dumps({'points': 1}))\ntime.sleep(120)\n")
-    stage = gpu_check.Stage("partial", 5, 0, lambda c: [sys.executable, str(script)],
+    (tmp_path / "part.json").write_text(json.dumps({"points": 1}))  # what the stage wrote before it was stopped
+    stage = gpu_check.Stage("partial", 2, 0, lambda c: [sys.executable, "-c", "import time; time.sleep(120)"],
                             lambda c: json.loads((c.out / "part.json").read_text()))
     result = gpu_check.run_stage(stage, ctx)
     assert result.status == "timed out" and result.figures == {"points": 1}
+
+
+def test_the_dry_run_gives_its_stages_slack(tmp_path):
+    ctx = _context(tmp_path)
+    ctx.log.write_text("")
+    stage = gpu_check.Stage("slow_on_a_busy_cpu", 1, 0, lambda c: [sys.executable, "-c", "import time; time.sleep(2)"],
+                            lambda c: {})
+    assert gpu_check.run_stage(stage, ctx).status == "ok"  # 2 s against a cap of 1 s x DRY_RUN_SLACK
