@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     step = bench.add_parser("step", help="full-parameter GRPO step vs the layer-sparse step, same model and batch")
     step.add_argument("--preset", choices=sorted(PRESETS), default="default",
                       help="model shape: default (24 layers, hidden 512, vocab 32768) or qwen3-8b (36 layers, "
-                           "hidden 4096, vocab 151936, layer 16, nf4, sparse variant only)")
+                           "hidden 4096, vocab 151936, layer 16, nf4, gradient checkpointing, sparse variant only)")
     helps = field_help(StepBenchConfig)
     for f in dataclasses.fields(StepBenchConfig):
         kind = ({"action": argparse.BooleanOptionalAction} if isinstance(f.default, bool)
