@@ -138,8 +138,10 @@ def step_fn(method: str, inputs: dict, chunk_tokens: int | None, chunk_vocab: in
 
     head = importlib.import_module("sparselayer.kernels.head_logprobs")  # the package exports a function by that name
     cuda = inputs["hidden"].is_cuda
-    chunk_tokens = chunk_tokens or (head.CUDA_CHUNK_TOKENS if cuda else head.DEFAULT_CHUNK_TOKENS)
-    chunk_vocab = chunk_vocab or (head.CUDA_CHUNK_VOCAB if cuda else head.DEFAULT_CHUNK_VOCAB)
+    if chunk_tokens is None:
+        chunk_tokens = head.CUDA_CHUNK_TOKENS if cuda else head.DEFAULT_CHUNK_TOKENS
+    if chunk_vocab is None:
+        chunk_vocab = head.CUDA_CHUNK_VOCAB if cuda else head.DEFAULT_CHUNK_VOCAB
 
     if method == "liger":
         return liger_step_fn(inputs)

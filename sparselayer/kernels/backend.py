@@ -49,8 +49,8 @@ class HeadForward:
     """What a one-pass LM-head forward keeps for an elementwise backward: logsumexp and target logit (N,), the
     off-target softmax mass q = 1 - p(target) (N,) and the off-target mean sum_{v != y} p_v W_v (N, H)."""
 
-    lse: torch.Tensor | None
-    target: torch.Tensor | None
+    lse: torch.Tensor
+    target: torch.Tensor
     off_mass: torch.Tensor
     mean: torch.Tensor
 

@@ -131,12 +131,12 @@ def chunked_lse_target_and_mean(hidden: torch.Tensor, weight: torch.Tensor, targ
     return HeadForward(top + total.log(), target, off / total, mean)
 
 
-def chunked_grad_from_mean(weight: torch.Tensor, targets: torch.Tensor, saved: HeadForward, grad_logp: torch.Tensor,
-                           temperature: float, dtype: torch.dtype) -> torch.Tensor:
-    """dH = g/T * (q W[y] - M): elementwise on what `chunked_lse_target_and_mean` kept."""
-    scale = grad_logp.to(saved.mean.dtype).unsqueeze(1) / temperature
-    rows = weight[targets.long()].to(saved.mean.dtype)
-    return ((saved.off_mass.unsqueeze(1) * rows).sub_(saved.mean)).mul_(scale).to(dtype)
+def chunked_grad_from_mean(weight: torch.Tensor, targets: torch.Tensor, off_mass: torch.Tensor, mean: torch.Tensor,
+                           grad_logp: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:
+    """dH = g/T * (q W[y] - M): elementwise on the off-target mass q and mean M the one-pass forward kept."""
+    scale = grad_logp.to(mean.dtype).unsqueeze(1) / temperature
+    rows = weight[targets.long()].to(mean.dtype)
+    return ((off_mass.unsqueeze(1) * rows).sub_(mean)).mul_(scale).to(dtype)
 
 
 def chunked_grad_hidden(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
@@ -219,8 +219,8 @@ class HeadLogprobsFunction(torch.autograd.Function):
         grad_hidden = None
         if ctx.needs_input_grad[0] and ctx.elementwise:
             weight, targets, off_mass, mean = ctx.saved_tensors
-            grad_hidden = chunked_grad_from_mean(weight, targets, HeadForward(None, None, off_mass, mean),
-                                                 grad_logp, ctx.temperature, ctx.hidden_dtype)
+            grad_hidden = chunked_grad_from_mean(weight, targets, off_mass, mean, grad_logp, ctx.temperature,
+                                                 ctx.hidden_dtype)
         elif ctx.needs_input_grad[0]:
             hidden, weight, targets, lse = ctx.saved_tensors
             grad_hidden = _grad_active_tokens(ctx.kernels, hidden, weight, targets, lse, grad_logp.contiguous(),
